@@ -1,0 +1,1 @@
+"""Analyses built on the library: correlation, calibration, stress and audit pipelines."""

@@ -1,0 +1,1 @@
+"""The robustness-diag command line."""

@@ -1,0 +1,38 @@
+"""Entry point of the ``robustness-diag`` command: sub-commands parse their arguments and call a plain ``run``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import inspect_cmd
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="robustness-diag",
+        description="Tell when a conditional normalizing flow (SRFlow, NCSR, robustNF, ...) will betray you: "
+                    "inspect checkpoints, score inputs for OOD risk, and detect exploding inverses while sampling.",
+        epilog="Run 'robustness-diag COMMAND --help' for the options of a command.")
+    from robustness_diag import __version__
+    parser.add_argument("--version", action="version", version=f"robustness-diag {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    inspect_cmd.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on usage errors, 0 on --help
+        return int(e.code or 0)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

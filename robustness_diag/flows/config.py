@@ -1,0 +1,144 @@
+"""Architecture configuration of an SRFlow-family flow, and the per-variant defaults for what weights cannot tell."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+#: Coupling kind -> the FlowStep attribute name used in the reference state_dicts.
+COUPLING_ATTR = {"affine": "affine", "affine_reparam": "affinereparam", "rqspline": "rqspline"}
+
+#: Settings that no weight reveals, with the reference defaults per family (checkpoint-formats.md section 7).
+NON_INFERABLE = ("blocks", "eps", "S", "residual", "bounds", "heat")
+
+
+@dataclass
+class FlowConfig:
+    """Everything needed to build an SRFlow-family network (SRFlow, NCSR/FS-NCSR, robustNF).
+
+    Attributes:
+        family: "srflow", "ncsr" (affine + std branch) or "robustnf" (RQ spline / reparametrised affine).
+        coupling: "affine", "affine_reparam" or "rqspline".
+        coupling_attr: FlowStep attribute of the coupling ("affine", "affinereparam", "rqspline"); robustNF's plain
+            ``affine`` class with ``affine_reparam: true`` keeps the attribute "affine" with coupling "affine_reparam".
+        scale: SR factor; L: number of levels (squeezes); K: coupling steps per level; n_additional: steps without
+            coupling right after each squeeze; splits: levels followed by a Split2d.
+        nf, nb, gc, in_nc: RRDB widths/depth; blocks: stacked trunk-block indices (not inferable from weights).
+        cond_channels: channels of the conditioner features fed to couplings (``nf * (1 + len(blocks))``).
+        hidden, kernel_hidden: coupling sub-network hidden channels and middle kernel size.
+        eps: affine scale floor (``sigmoid(raw + 2) + eps``).
+        std_channels: NCSR std-map channels (0 = no std branch); S: std-conditioned steps per level (last S of K).
+        frozen_invconv: robustNF ``permutation_train: false`` (fixed orthogonal 1x1 conv with stored transpose).
+        residual: the flow models ``HR - bicubic_up(LR)`` (FS-NCSR, robustNF ``divide_freq``); ``sample`` adds it back.
+        bounds: spline box (left, right, bottom, top).
+        heat: default sampling temperature.
+        f_in, f_out: shape of the unused ``flowUpsamplerNet.f.0`` conv kept for strict loading (0 = absent).
+    """
+
+    family: str = "srflow"
+    coupling: str = "affine"
+    coupling_attr: str = "affine"
+    scale: int = 4
+    L: int = 3
+    K: list = 16  # int or per-level list
+    n_additional: list = 2
+    splits: list = field(default_factory=lambda: [1])
+    in_nc: int = 3
+    nf: int = 64
+    nb: int = 23
+    gc: int = 32
+    blocks: list = field(default_factory=lambda: [1, 8, 15, 22])
+    cond_channels: int = 320
+    hidden: int = 64
+    kernel_hidden: int = 1
+    eps: float = 1e-4
+    std_channels: int = 0
+    S: list = 0
+    frozen_invconv: bool = False
+    residual: bool = False
+    bounds: list = field(default_factory=lambda: [-0.5, 0.5, -0.5, 0.5])
+    heat: float = 0.9
+    f_in: int = 320
+    f_out: int = 96
+
+    def __post_init__(self):
+        self.K = _per_level(self.K, self.L, "K")
+        self.n_additional = _per_level(self.n_additional, self.L, "n_additional")
+        self.S = [min(s, k) for s, k in zip(_per_level(self.S, self.L, "S"), self.K)]  # S > K means "all K"
+        self.blocks = [int(b) for b in self.blocks]
+        self.splits = [int(s) for s in self.splits]
+        self.bounds = [float(b) for b in self.bounds]
+
+    def validate(self) -> None:
+        """Raises ValueError naming every inconsistent setting."""
+        errors = []
+        if self.coupling not in COUPLING_ATTR:
+            errors.append(f"coupling must be one of {sorted(COUPLING_ATTR)}, got {self.coupling!r}")
+        if self.scale not in (2, 4, 8, 16):
+            errors.append(f"scale must be 2, 4, 8 or 16, got {self.scale}")
+        bad = [b for b in self.blocks if not 0 <= b < self.nb]
+        if bad:
+            errors.append(f"stacked block indices {bad} are outside the trunk of nb={self.nb} blocks")
+        if self.cond_channels != self.nf * (1 + len(self.blocks)):
+            errors.append(f"cond_channels={self.cond_channels} but nf*(1+len(blocks)) = "
+                          f"{self.nf}*(1+{len(self.blocks)}) = {self.nf * (1 + len(self.blocks))}")
+        if any(not 1 <= s <= self.L for s in self.splits):
+            errors.append(f"split levels {self.splits} must lie in 1..L={self.L}")
+        left, right, bottom, top = self.bounds
+        if not (left < right and bottom < top):
+            errors.append(f"spline bounds {self.bounds} must satisfy left < right, bottom < top")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FlowConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown FlowConfig fields: {unknown}")
+        return cls(**d)
+
+
+def _per_level(value, L: int, name: str) -> list:
+    if isinstance(value, int):
+        return [value] * L
+    value = [int(v) for v in value]
+    if len(value) < L:
+        raise ValueError(f"{name} has {len(value)} entries but L={L} levels")
+    return value[:L]
+
+
+def default_settings(family: str, coupling: str, scale: int, nb: int, n_blocks: int) -> dict:
+    """Reference defaults for the settings no weight reveals (checkpoint-formats.md section 7).
+
+    Returns a dict with ``blocks``, ``eps``, ``S``, ``residual``, ``bounds``, ``heat`` and a ``notes`` list saying
+    where a reference default did not fit the weights and a fallback was used.
+    """
+    notes = []
+    if family == "srflow":
+        blocks = [1, 3, 5, 7] if scale >= 8 else [1, 8, 15, 22]
+    else:
+        blocks = [1, 8, 15, 22]
+    if len(blocks) != n_blocks or max(blocks) >= nb:
+        # Reduced or custom architecture: the reference indices cannot apply. Spread n_blocks indices over the
+        # trunk the way [1, 8, 15, 22] spreads 4 over 23 blocks; the result is a guess and is reported as one.
+        step = max(1, (nb - 1) // max(1, n_blocks))
+        blocks = [min(nb - 1, 1 + i * step) if nb > n_blocks else i for i in range(n_blocks)]
+        if len(set(blocks)) != n_blocks:
+            blocks = list(range(n_blocks))
+        notes.append(f"reference block indices do not fit nb={nb} with {n_blocks} stacked blocks; guessed {blocks}")
+    if family == "srflow":
+        S = None
+    else:
+        S = [0, 16, 16] if scale == 4 else [0, 0, 16, 16]
+    residual = family == "robustnf"
+    bounds = [-0.5, 0.5, -0.5, 0.5] if coupling == "rqspline" else None
+    eps = 1e-4 if coupling in ("affine", "affine_reparam") else None
+    return {"blocks": blocks, "eps": eps, "S": S, "residual": residual, "bounds": bounds, "heat": 0.9,
+            "notes": notes}

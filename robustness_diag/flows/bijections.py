@@ -104,6 +104,10 @@ class RQSpline2Bin:
         self.left, self.right, self.bottom, self.top = (float(b) for b in bounds)
         if not (self.left < self.right and self.bottom < self.top):
             raise ValueError(f"spline bounds must satisfy left < right and bottom < top, got {bounds}")
+        if (self.left, self.right) != (self.bottom, self.top):
+            # With identity tails the box must map onto itself, otherwise the map is not a bijection.
+            raise ValueError(f"spline box must be square (left == bottom, right == top) for identity tails, "
+                             f"got {bounds}")
 
     # -- knots ---------------------------------------------------------------------------------------------------
     def _knots(self) -> _Knots:
@@ -111,7 +115,10 @@ class RQSpline2Bin:
         height = self.top - self.bottom
         wf = torch.sigmoid(self.w) * (1 - 2 * MIN_BIN_WIDTH) + MIN_BIN_WIDTH
         hf = torch.sigmoid(self.h) * (1 - 2 * MIN_BIN_HEIGHT) + MIN_BIN_HEIGHT
-        d = torch.exp(self.d) * (1 - MIN_DERIVATIVE) + MIN_DERIVATIVE
+        # The reference's exp overflows to inf (then NaN) past log(max float); cap the logit just below it, which
+        # changes nothing wherever the reference is finite.
+        d_logit = torch.clamp(self.d, max=math.log(torch.finfo(self.d.dtype).max) - 1.0)
+        d = torch.exp(d_logit) * (1 - MIN_DERIVATIVE) + MIN_DERIVATIVE
         return _Knots(self.left, width * wf + self.left, self.right,
                       self.bottom, height * hf + self.bottom, self.top, d)
 
@@ -132,8 +139,9 @@ class RQSpline2Bin:
         """log dy/dx inside a bin at relative position ``theta`` (bin slope ``s``, knot derivatives ``dk, dk1``)."""
         t1t = theta * (1 - theta)
         den = s + (dk + dk1 - 2 * s) * t1t
-        num = s.pow(2) * (dk1 * theta.pow(2) + 2 * s * t1t + dk * (1 - theta).pow(2))
-        return torch.log(num) - 2 * torch.log(den)
+        inner = dk1 * theta.pow(2) + 2 * s * t1t + dk * (1 - theta).pow(2)
+        # log(s^2 * inner) split so that s^2 * d cannot overflow for huge knot derivatives.
+        return 2 * torch.log(s) + torch.log(inner) - 2 * torch.log(den)
 
     # -- spline without shift ------------------------------------------------------------------------------------
     def spline_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,11 +172,17 @@ class RQSpline2Bin:
         a = dy * curv + hb * (s - dk)
         b = hb * dk - dy * curv
         c = -s * dy
-        disc = torch.clamp(b.pow(2) - 4 * a * c, min=0.0)
-        den = -b - torch.sqrt(disc)
-        # den < 0 whenever c < 0; at y == y_k (c == 0) keep theta = 0 instead of 0/0.
-        den = torch.where(den < 0, den, torch.full_like(den, -torch.finfo(den.dtype).tiny))
-        theta = torch.clamp((2 * c) / den, 0.0, 1.0)
+        # Normalise the quadratic so b^2 - 4ac cannot overflow for huge knot derivatives (same root).
+        m = torch.maximum(torch.maximum(a.abs(), b.abs()), c.abs()).clamp(min=torch.finfo(a.dtype).tiny)
+        a, b, c = a / m, b / m, c / m
+        sq = torch.sqrt(torch.clamp(b.pow(2) - 4 * a * c, min=0.0))
+        tiny = torch.finfo(a.dtype).tiny
+        # One root, two cancellation-free forms: 2c / (-b - sq) for b >= 0 (the reference's form), and
+        # (-b + sq) / (2a) for b < 0, where -b - sq would cancel. At c == 0 (y on a knot) theta = 0, not 0/0.
+        den_pos = torch.where(-b - sq < 0, -b - sq, torch.full_like(b, -tiny))
+        den_neg = torch.where(a.abs() > tiny, 2 * a, torch.full_like(a, tiny))
+        theta = torch.where(b >= 0, (2 * c) / den_pos, (-b + sq) / den_neg)
+        theta = torch.clamp(torch.nan_to_num(theta, nan=0.0), 0.0, 1.0)
         x = torch.clamp(theta * wb + xk, self.left, self.right)
         ladj = -self._log_slope(theta, s, dk, dk1)
         return torch.where(inside, x, y), torch.where(inside, ladj, torch.zeros_like(ladj))

@@ -169,7 +169,10 @@ def infer_architecture(state, det: Detection) -> tuple[dict, list]:
         f["std_channels"] = std_w[1] - first.channels // 2 if std_w else 0
     f["frozen_invconv"] = any(k.endswith("invconv.weight_transpose") for k in state)
     fw = shape("flowUpsamplerNet.f.0.weight")
-    f["f_in"], f["f_out"] = (fw[1], fw[0]) if fw else (0, 0)
+    # Upstream always registers f.0 (strict loading needs it); when absent, expect its reference shape so that the
+    # mismatch report names it.
+    n_blocks = f.get("cond_channels", 320) // max(1, f["nf"]) - 1
+    f["f_in"], f["f_out"] = (fw[1], fw[0]) if fw else (64 * (1 + n_blocks), 96 if f["splits"] else 384)
     return f, problems
 
 

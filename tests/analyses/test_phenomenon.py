@@ -51,3 +51,16 @@ def test_run_writes_one_row_per_flow_and_condition(tmp_path):
     assert [r["condition"] for r in rows] == names * 2
     on_disk = list(csv.DictReader(open(tmp_path / "out" / "phenomenon.csv")))
     assert len(on_disk) == 12 and (tmp_path / "out" / "phenomenon.json").exists()
+
+
+def test_model_card_lists_provenance_and_rates(tmp_path):
+    from robustness_diag.analyses.model_card import card_text
+    path = rd.save_flow(_flow("rqspline"), tmp_path / "f.safetensors",
+                        provenance={"recipe": {"name": "tiny", "steps": 7, "seed": 3}, "val_bpd": -1.25,
+                                    "lr_psnr": 30.5})
+    out = tmp_path / "out"
+    run(PhenomenonConfig(flows=[str(path)], out=str(out), images=1, lr_size=8, samples=1, levels=[1]))
+    import json
+    text = card_text(rd.load_flow(path), json.loads((out / "phenomenon.json").read_text()), str(path))
+    assert "# tiny" in text and "-1.2500 bits/dim" in text and "30.50 dB" in text and "7 steps" in text
+    assert text.count("\n| ") == 7  # header + 6 conditions

@@ -59,7 +59,8 @@ def measure(flow, lr: torch.Tensor, cfg: PhenomenonConfig, seed: int) -> dict:
     def tracer_factory(_index):
         def tracer(_stage, ladj):
             nonlocal max_slope
-            max_slope = torch.maximum(max_slope, torch.nan_to_num(ladj, nan=math.inf).max())
+            # NaN slopes come from NaN inputs (already counted as NaN pixels); report the largest finite one
+            max_slope = torch.maximum(max_slope, torch.nan_to_num(ladj, nan=-math.inf).max())
         return tracer
 
     any_art, art_px, nan_px, n_px = 0, 0, 0, 0

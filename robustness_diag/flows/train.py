@@ -30,7 +30,8 @@ class Recipe:
     ``rrdb_frozen_fraction``: the conditioner is frozen for this fraction of the steps, then trained jointly (the
     references freeze a pretrained RRDB for the first half; here it starts from its random init).
     ``lr_noise``: NCSR-style noise sigma_max (0 = off): sigma ~ U(0, lr_noise), the same noise added to the HR
-    target and, downscaled, to the LR input.
+    target and, downscaled, to the LR input; flows with a std branch (``std_channels`` 3) get the noise itself as
+    their std condition (SoftFlow), and a zero map when sampling, as NCSR does.
     """
 
     name: str
@@ -122,16 +123,19 @@ def train(recipe: Recipe, out_dir, progress: bool = True, stop_at: int | None = 
     while step < recipe.steps:
         hr = random_crops(train_imgs, recipe.batch, recipe.hr_patch, g)
         lr = downscale(hr, flow.config.scale)
+        std = None
         if recipe.lr_noise > 0:
             sigma = torch.rand(hr.shape[0], 1, 1, 1, generator=g) * recipe.lr_noise
             noise = torch.randn(hr.shape, generator=g) * sigma
             hr, lr = hr + noise, lr + downscale(noise, flow.config.scale)
+            if flow.config.std_channels:
+                std = noise  # NCSR: the noise realisation itself conditions the std branch (zeros at test time)
         if step == 0:
             with torch.no_grad(), data_dependent_init(flow):
                 flow.encode(_target(flow, hr, lr), lr)
         for p in flow.RRDB.parameters():
             p.requires_grad_(step >= frozen_until)
-        loss = bits_per_dim(flow.encode(_target(flow, hr, lr), lr)[1], hr).mean()
+        loss = bits_per_dim(flow.encode(_target(flow, hr, lr), lr, std)[1], hr).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(flow.parameters(), 50.0)

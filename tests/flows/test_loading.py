@@ -223,3 +223,13 @@ def test_odd_lr_size_is_a_clear_error(tmp_path):
     flow = rd.load_flow(_write(tmp_path, "SRFlow_DF2K_4X")[0])
     with pytest.raises(ValueError, match="not divisible"):
         flow.decode(torch.rand(1, 3, 7, 8), heat=0.0)
+
+
+def test_weights_digest_is_stable_across_dtype_and_changes_with_weights():
+    import robustness_diag as rd
+    flow = rd.load_flow("bundled:sr4x_affine")
+    d = rd.weights_digest(flow)
+    assert len(d) == 64 and rd.weights_digest(flow.double()) == d
+    with torch.no_grad():
+        next(flow.parameters()).view(-1)[0] += 1e-3
+    assert rd.weights_digest(flow) != d

@@ -116,6 +116,27 @@ def _discrimination(ranked: _Ranked, pos_w: np.ndarray, neg_w: np.ndarray) -> di
     return {"auroc": {"value": auroc}, "average_precision": {"value": ap}, "fpr_at_95_tpr": {"value": fpr95}}
 
 
+def curves(obs: Observations, max_points: int = 400) -> dict:
+    """ROC and precision-recall curve points (artifact = positive), thinned to at most ``max_points`` each.
+
+    Returns ``{"roc": {"fpr", "tpr", "threshold"}, "pr": {"recall", "precision", "threshold"}}`` as lists, or
+    ``{"undefined": reason}`` when one class is absent.
+    """
+    ranked = _Ranked.of(obs.score)
+    p, n = ranked.sums(obs.positives), ranked.sums(obs.negatives)
+    if p.sum() <= 0:
+        return undefined(UNDEFINED_NO_POSITIVE)
+    if n.sum() <= 0:
+        return undefined(UNDEFINED_NO_NEGATIVE)
+    tp, fp = np.cumsum(p), np.cumsum(n)
+    keep = np.unique(np.linspace(0, tp.size - 1, min(max_points, tp.size)).round().astype(int))
+    thr = ranked.thresholds[keep]
+    return {"roc": {"fpr": np.r_[0.0, fp[keep] / fp[-1]].tolist(), "tpr": np.r_[0.0, tp[keep] / tp[-1]].tolist(),
+                    "threshold": np.r_[np.inf, thr].tolist()},
+            "pr": {"recall": (tp[keep] / tp[-1]).tolist(), "precision": (tp[keep] / (tp[keep] + fp[keep])).tolist(),
+                   "threshold": thr.tolist()}}
+
+
 def discrimination(obs: Observations) -> dict:
     """AUROC, average precision (with the prevalence baseline it must beat) and FPR at 95% TPR, artifact = positive."""
     out = _discrimination(_Ranked.of(obs.score), obs.positives, obs.negatives)
@@ -298,7 +319,8 @@ def correlate(obs: Observations, explosion: Optional[np.ndarray] = None, n_bins:
            "reliability": reliability(obs, n_bins, confidence),
            "isotonic": isotonic_fit(obs),
            "logistic": logistic_fit(obs),
-           "threshold": threshold_for_false_alarm(obs, false_alarm)}
+           "threshold": threshold_for_false_alarm(obs, false_alarm),
+           "curves": curves(obs)}
     if explosion is not None:
         explosion = np.asarray(explosion, np.float64).ravel()
         out["explosion_vs_frequency"] = rank_correlations(explosion, obs.rate, "explosion map vs artifact frequency")

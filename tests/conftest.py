@@ -48,3 +48,11 @@ def _seed_torch():
     """Seeds torch's global RNG before every test, so every failure reproduces."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def trained_toys():
+    """The 2-D toy trained with each coupling (defaults, seed 0), shared by every test that needs a trained toy
+    (about 6 s each on one core). Tests must not modify them."""
+    from robustness_diag.flows.toy import train_toy
+    return {c: train_toy(c, seed=0)[0] for c in ("affine", "rqspline")}

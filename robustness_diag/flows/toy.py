@@ -109,11 +109,14 @@ class ToyFlow(nn.Module):
         """Samples x for conditions ``y [n, 1]``. Returns ``(x [n, 2], trace)`` where ``trace`` has, in generative
         order, ``names`` (e.g. "Aff4", "IC4", "AN4"), ``variance`` ([n_layers, 2] sample variance after each layer)
         ``coupling_max_log_slope`` ([blocks] largest inverse log-slope over the samples, per coupling, generative
-        order) and ``coupling_max_deviation`` ([blocks] largest ``|out - (in - shift)|``: at most 1 for the spline)."""
+        order), ``coupling_max_deviation`` ([blocks] largest ``|out - (in - shift)|``: at most 1 for the spline) and
+        ``sample_max_log_slope`` ([n] each sample's largest inverse log-slope over the couplings)."""
         z = torch.randn(y.shape[0], 2, generator=generator) * heat
         names, var, slopes, devs = [], [], [], []
+        per_sample = z.new_full((z.shape[0],), -float("inf"))
         for k in reversed(range(self.cfg.blocks)):
             z, l, dev = self.couplings[k].inverse(z, y)
+            per_sample = torch.maximum(per_sample, l)
             slopes.append(l.max())
             devs.append(dev.max())
             names.append(f"Aff{k + 1}")
@@ -125,7 +128,7 @@ class ToyFlow(nn.Module):
             names.append(f"AN{k + 1}")
             var.append(z.var(0))
         return z, {"names": names, "variance": torch.stack(var), "coupling_max_log_slope": torch.stack(slopes),
-                   "coupling_max_deviation": torch.stack(devs)}
+                   "coupling_max_deviation": torch.stack(devs), "sample_max_log_slope": per_sample}
 
 
 def train_toy(coupling: str, steps: int = 1000, seed: int = 0, batch: int = 256, lr: float = 3e-3,

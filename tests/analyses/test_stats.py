@@ -141,3 +141,10 @@ def test_bad_observations_are_refused_with_reasons():
         obs([1, np.nan], [0, 0])
     with pytest.raises(ValueError, match="entries"):
         obs([1, 2, 3], [0, 1])
+
+
+def test_curves_end_at_one_and_match_the_hand_example():
+    c = S.curves(obs([1, 2, 3, 4], [0, 1, 0, 1]))
+    assert c["roc"]["fpr"] == [0, 0, 0.5, 0.5, 1] and c["roc"]["tpr"] == [0, 0.5, 0.5, 1, 1]
+    assert c["pr"]["precision"] == pytest.approx([1, 0.5, 2 / 3, 0.5])
+    assert S.curves(obs([1, 2], [0, 0]))["undefined"] == S.UNDEFINED_NO_POSITIVE

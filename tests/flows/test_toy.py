@@ -12,8 +12,8 @@ OOD = (-100.0, -30.0, -10.0, 10.0, 30.0, 100.0)
 
 
 @pytest.fixture(scope="module")
-def trained():
-    return {c: train_toy(c, seed=0)[0] for c in ("affine", "rqspline")}  # ~6 s each on one core
+def trained(trained_toys):
+    return trained_toys
 
 
 def _trace(flow, yv, n=1000):

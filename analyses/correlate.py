@@ -1,0 +1,269 @@
+"""Does the OOD score predict where the flow breaks? Statistics, figures and the HTML report for one or more models.
+
+The pipeline takes per-position observations (score, artifact events over samples, image id; see
+:mod:`.stats`) for each model, computes :func:`.stats.correlate`, and writes to ``out``:
+
+* ``metrics.json``: every statistic per model (with bootstrap intervals and "undefined" reasons);
+* one PNG + CSV sidecar per figure (reliability, ROC/PR, score histograms, per-image scatter, layer traces, examples);
+* ``report_data.json`` (+ ``examples.npz``): everything the figures are drawn from, so that
+  :func:`rerender` (``robustness-diag report OUT``) rebuilds the figures and the report without the models;
+* ``report.html``: one self-contained file.
+
+Sources of observations: :func:`toy_results` (the 2-D toy: one "image" per condition) and
+:func:`results_from_run_dirs` (the folders written by ``robustness-diag score`` and ``sample``).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import stats as S
+
+
+@dataclass
+class ModelResult:
+    """Everything the report shows about one model.
+
+    ``obs``: per-position observations; ``explosion``: optional per-position explosion statistic ``[N]``;
+    ``layer_traces``: ``{label: [{"layer", "max_log_slope"}, ...]}``; ``slope_bound``: the coupling's analytic
+    log inverse-slope bound, if it has one; ``examples``: panels for :func:`reports.figures.example_panel`.
+    """
+
+    name: str
+    obs: S.Observations
+    explosion: Optional[np.ndarray] = None
+    layer_traces: dict = field(default_factory=dict)
+    slope_bound: Optional[float] = None
+    examples: list = field(default_factory=list)
+    image_names: Optional[list] = None
+    notes: list = field(default_factory=list)
+
+
+@dataclass
+class CorrelateConfig:
+    out: str = "runs/correlate"
+    n_bins: int = 10
+    n_resamples: int = 1000
+    false_alarm: float = 0.05
+    confidence: float = 0.95
+    seed: int = 0
+    title: str = "OOD score vs exploding-inverse artifacts"
+
+
+# -- the 2-D toy ------------------------------------------------------------------------------------------------------
+@dataclass
+class ToyCorrelateConfig(CorrelateConfig):
+    out: str = "runs/toy_correlate"
+    steps: int = 1000
+    train_seed: int = 0
+    conditions: int = 120          # "images": conditions y spread over [-y_max, y_max]
+    y_max: float = 30.0
+    samples: int = 64              # samples per condition
+    heat: float = 0.9
+    slope_threshold: float = 100.0  # a sample "explodes" when some coupling's inverse slope exceeds this
+
+
+def toy_results(cfg: ToyCorrelateConfig, couplings=("affine", "rqspline"), flows: Optional[dict] = None
+                ) -> list[ModelResult]:
+    """Trains the toy with each coupling and observes, per condition y, how many samples explode.
+
+    The toy has no pixel range, so its "artifact" event is the exploding inverse itself: a sample whose largest
+    inverse slope over the couplings exceeds ``slope_threshold`` (or that is not finite). The OOD score of a condition
+    is the Mahalanobis distance of y from a Gaussian fitted to the training conditions (U(-1, 1)), i.e. the toy
+    conditioner's feature is y itself. One condition = one "image" for the bootstrap. ``flows`` may give already
+    trained toys by coupling name (else each is trained with ``cfg.steps`` and ``cfg.train_seed``).
+    """
+    import torch
+
+    from robustness_diag.flows.toy import toy_data, train_toy
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    _, y_train = toy_data(20000, g)
+    mu, sd = float(y_train.mean()), float(y_train.std())
+    ys = torch.linspace(-cfg.y_max, cfg.y_max, cfg.conditions, dtype=torch.float64).float()
+    score = ((ys - mu).abs() / sd).numpy()
+    out = []
+    for coupling in couplings:
+        flow = flows[coupling] if flows and coupling in flows else train_toy(coupling, steps=cfg.steps,
+                                                                             seed=cfg.train_seed)[0]
+        events = np.zeros(cfg.conditions)
+        explosion = np.zeros(cfg.conditions)
+        for i, yv in enumerate(ys):
+            x, tr = flow.sample(torch.full((cfg.samples, 1), float(yv)), heat=cfg.heat,
+                                generator=torch.Generator().manual_seed(cfg.seed + 1 + i))
+            slope = tr["sample_max_log_slope"]
+            bad = (slope > math.log(cfg.slope_threshold)) | ~torch.isfinite(x).all(1)
+            events[i] = float(bad.sum())
+            explosion[i] = float(slope.max())
+        obs = S.Observations(score, events, cfg.samples, np.arange(cfg.conditions))
+        bound = math.log(1 / flow.cfg.eps) if coupling == "affine" else None
+        out.append(ModelResult(f"toy {coupling}", obs, explosion, slope_bound=bound,
+                               image_names=[f"y={float(v):.2f}" for v in ys],
+                               notes=[f"toy {coupling}: event = a sample whose inverse slope exceeds "
+                                      f"{cfg.slope_threshold:g} in some coupling; {cfg.samples} samples at heat "
+                                      f"{cfg.heat} per condition y in [-{cfg.y_max:g}, {cfg.y_max:g}]; training "
+                                      f"conditions y ~ U(-1, 1)."]))
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------------------------------
+def analyse(results: list[ModelResult], cfg: CorrelateConfig) -> dict:
+    """``{model name: stats.correlate(...) + per_image rows + score histogram counts}``."""
+    metrics = {}
+    for r in results:
+        m = S.correlate(r.obs, r.explosion, cfg.n_bins, cfg.n_resamples, cfg.false_alarm, cfg.confidence, cfg.seed)
+        table = S.per_image_table(r.obs)
+        if r.image_names:
+            for row in table:
+                row["name"] = r.image_names[row["image"]]
+        m["per_image"] = table
+        metrics[r.name] = m
+    return metrics
+
+
+def run(results: list[ModelResult], cfg: CorrelateConfig) -> dict:
+    """Computes the statistics and writes metrics.json, figures + sidecars, report data and report.html."""
+    from robustness_diag.reports.figures import score_histogram_counts
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = analyse(results, cfg)
+    data = {"title": cfg.title, "config": {k: v for k, v in vars(cfg).items()},
+            "metrics": metrics,
+            "histograms": {r.name: score_histogram_counts(r.obs.score, r.obs.events, r.obs.trials)
+                           for r in results},
+            "layer_traces": {f"{r.name}: {k}": v for r in results for k, v in r.layer_traces.items()},
+            "slope_bounds": {f"{r.name}: {k}": r.slope_bound for r in results for k in r.layer_traces
+                             if r.slope_bound is not None},
+            "notes": [n for r in results for n in r.notes],
+            "n_examples": sum(len(r.examples) for r in results)}
+    _write_json(out / "metrics.json", {"config": data["config"], "models": metrics})
+    _write_json(out / "report_data.json", data)
+    examples = [dict(ex, title=f"{r.name}: {ex.get('title', '')}") for r in results for ex in r.examples]
+    if examples:
+        _save_examples(out / "examples.npz", examples)
+    render(out, data, examples)
+    return {"out": str(out), "metrics": metrics, "report": str(out / "report.html")}
+
+
+def rerender(run_dir) -> Path:
+    """Rebuilds every figure and ``report.html`` of a finished run from ``report_data.json`` (+ ``examples.npz``)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "report_data.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no report_data.json here; is this the --out folder of 'correlate' "
+                                f"or 'audit'?")
+    data = json.loads(path.read_text())
+    examples = _load_examples(run_dir / "examples.npz") if (run_dir / "examples.npz").is_file() else []
+    return render(run_dir, data, examples)
+
+
+def headline_rows(metrics: dict) -> list[dict]:
+    from robustness_diag.reports.html import metric_text
+
+    rows = []
+    for name, m in metrics.items():
+        thr = m["threshold"]
+        caught = "n/a" if thr.get("tpr") is None else f"{thr['tpr']:.3f}"
+        thr_text = metric_text(thr) if thr.get("value") is None else (
+            f"score >= {thr['value']:.3g} (false alarms {thr['false_alarm']:.3f}, catches {caught} of artifacts)")
+        rows.append({"model": name, "metrics": [
+            ("AUROC (artifact = positive), 95% CI by image bootstrap", metric_text(m["auroc"])),
+            ("average precision [prevalence baseline]",
+             f"{metric_text(m['average_precision'])} [{m['prevalence']['value']:.4f}]"),
+            ("FPR at 95% TPR", metric_text(m["fpr_at_95_tpr"])),
+            ("Spearman (score vs artifact frequency)", metric_text(m["score_vs_frequency"]["spearman"])),
+            ("Kendall tau-b", metric_text(m["score_vs_frequency"]["kendall"])),
+            (f"recommended threshold at {m['threshold'].get('false_alarm_target', 0.05):g} false alarms", thr_text),
+            ("observations", f"{m['n_images']} images, {m['n_positions']} positions, "
+                             f"{m['n_events']:.0f} artifact events in {m['n_trials']:.0f} position-samples"),
+        ]})
+    return rows
+
+
+def render(out: Path, data: dict, examples: list) -> Path:
+    from robustness_diag.reports import figures as F
+    from robustness_diag.reports.html import render_report
+
+    metrics = data["metrics"]
+    figs = [F.reliability(metrics, out), F.roc_pr(metrics, out), F.score_histograms(data["histograms"], out),
+            F.per_image_scatter({k: m["per_image"] for k, m in metrics.items()}, out)]
+    if data["layer_traces"]:
+        figs.append(F.layer_traces(data["layer_traces"], out, data.get("slope_bounds")))
+    if examples:
+        figs.append(F.example_panel(examples, out))
+    tables = [{"title": f"Per image: {name}", "columns": ["image", "mean score", "p99 score", "max score",
+                                                          "artifact fraction"],
+               "rows": [[r.get("name", r["image"]), r["score_mean"], r["score_p99"], r["score_max"],
+                         r["artifact_fraction"]] for r in m["per_image"]]} for name, m in metrics.items()]
+    return render_report(out / "report.html", data["title"], headline_rows(metrics), figs, tables,
+                         notes=data.get("notes", []), config=data.get("config"),
+                         warnings=data.get("warnings", []), verdicts=data.get("verdicts", []))
+
+
+# -- small I/O helpers ------------------------------------------------------------------------------------------------
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
+    tmp.replace(path)
+
+
+def _jsonable(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def _save_examples(path: Path, examples: list) -> None:
+    arrays, titles = {}, []
+    for i, ex in enumerate(examples):
+        titles.append(str(ex.get("title", i)))
+        for k, v in ex.items():
+            if k != "title" and v is not None:
+                arrays[f"{i}/{k}"] = np.asarray(v)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, titles=np.array(titles), **arrays)
+    tmp.replace(path)
+
+
+def _load_examples(path: Path) -> list:
+    z = np.load(path, allow_pickle=False)
+    out = [{"title": str(t)} for t in z["titles"]]
+    for key in z.files:
+        if "/" in key:
+            i, k = key.split("/", 1)
+            out[int(i)][k] = z[key]
+    return out
+
+
+def main(argv=None) -> int:
+    """``python -m robustness_diag.analyses.correlate --toy --out runs/toy_correlate``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Correlation report on the 2-D toy (both couplings, side by side).")
+    p.add_argument("--toy", action="store_true", required=True, help="run on the 2-D toy")
+    p.add_argument("--out", default=ToyCorrelateConfig.out)
+    p.add_argument("--conditions", type=int, default=ToyCorrelateConfig.conditions)
+    p.add_argument("--samples", type=int, default=ToyCorrelateConfig.samples)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    cfg = ToyCorrelateConfig(out=a.out, conditions=a.conditions, samples=a.samples, seed=a.seed,
+                             title="2-D toy: OOD score of the condition vs exploding inverse")
+    res = run(toy_results(cfg), cfg)
+    for name, m in res["metrics"].items():
+        print(f"{name}: AUROC {m['auroc']}, events {m['n_events']:.0f}/{m['n_trials']:.0f}")
+    print(f"wrote {res['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

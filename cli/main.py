@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import inspect_cmd
+from . import correlate_cmd, inspect_cmd
 
 EXIT_USAGE = 2
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"robustness-diag {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     inspect_cmd.add_parser(sub)
+    correlate_cmd.add_parser(sub)
     return parser
 
 

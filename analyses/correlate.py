@@ -197,7 +197,7 @@ def render(out: Path, data: dict, examples: list) -> Path:
         figs.append(F.layer_traces(data["layer_traces"], out, data.get("slope_bounds")))
     if examples:
         figs.append(F.example_panel(examples, out))
-    tables = [{"title": f"Per image: {name}", "columns": ["image", "mean score", "p99 score", "max score",
+    tables = list(data.get("tables", [])) + [{"title": f"Per image: {name}", "columns": ["image", "mean score", "p99 score", "max score",
                                                           "artifact fraction"],
                "rows": [[r.get("name", r["image"]), r["score_mean"], r["score_p99"], r["score_max"],
                          r["artifact_fraction"]] for r in m["per_image"]]} for name, m in metrics.items()]

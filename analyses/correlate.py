@@ -111,6 +111,117 @@ def toy_results(cfg: ToyCorrelateConfig, couplings=("affine", "rqspline"), flows
     return out
 
 
+# -- the output folders of `score` and `sample` -------------------------------------------------------------------
+def _read_run(d: Path) -> dict:
+    path = d / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{d}: no run.json here; pass the --out folders of 'robustness-diag score' and "
+                                f"'robustness-diag sample'")
+    info = json.loads(path.read_text())
+    if info.get("command") not in ("score", "sample"):
+        raise ValueError(f"{d}: run.json is from '{info.get('command')}', expected 'score' or 'sample'")
+    if not (info.get("checkpoint") or {}).get("weights_digest"):
+        raise ValueError(f"{d}: run.json does not record the checkpoint's weights digest (unfinished run?)")
+    return info
+
+
+def _ok_keys(table: Path) -> list:
+    import csv
+    with open(table, newline="", encoding="utf-8") as f:
+        return [r["path"] for r in csv.DictReader(f) if r.get("status") == "ok"]
+
+
+def _pool_events(mask: np.ndarray, grid: tuple) -> np.ndarray:
+    """``[S, H, W]`` bool masks -> per-cell event counts ``[h, w]`` (a cell is an event in a sample when any of its
+    HR pixels is an artifact)."""
+    import torch
+    import torch.nn.functional as F
+
+    m = torch.from_numpy(np.asarray(mask, np.float32))[:, None]
+    return F.adaptive_max_pool2d(m, grid)[:, 0].sum(0).numpy()
+
+
+def results_from_run_dirs(dirs, grid: str = "feature") -> list[ModelResult]:
+    """Joins ``score`` and ``sample`` output folders into per-model observations, paired by the checkpoint's weights
+    digest (any order; one score and one sample folder per checkpoint).
+
+    Per image present and ok in both: the score map (``maps/<name>.<level>.npy``, the first scored level) and the
+    artifact masks (``maps/<name>.npz``); ``grid="feature"`` counts an event per feature-grid cell and sample when any
+    HR pixel of the cell is an artifact; ``grid="hr"`` upsamples the score map to HR (bilinear) instead. The
+    explosion statistic per position is its maximum over samples (non-finite = exploded, counted as +1e30).
+    """
+    from robustness_diag.analyses.score import _flat_name
+
+    groups: dict = {}
+    for d in map(Path, dirs):
+        info = _read_run(d)
+        g = groups.setdefault(info["checkpoint"]["weights_digest"], {"path": info["checkpoint"]["path"]})
+        if info["command"] in g:
+            raise ValueError(f"{d} and {g[info['command']][0]} are both '{info['command']}' runs of the same "
+                             f"checkpoint; pass one of each")
+        g[info["command"]] = (d, info)
+    results = []
+    for digest, g in groups.items():
+        missing = [c for c in ("score", "sample") if c not in g]
+        if missing:
+            raise ValueError(f"checkpoint {g['path']} (digest {digest[:12]}): no '{missing[0]}' folder among the "
+                             f"RUN_DIRs")
+        (sdir, sinfo), (pdir, _) = g["score"], g["sample"]
+        level = sinfo["scoring"]["levels"][0]
+        keys = [k for k in _ok_keys(sdir / "scores.csv") if k in set(_ok_keys(pdir / "samples.csv"))]
+        if not keys:
+            raise ValueError(f"{sdir} and {pdir} have no successfully processed image in common")
+        scores, events, trials, image, explosion, names = [], [], [], [], [], []
+        best = (-1.0, None)
+        for i, key in enumerate(keys):
+            name = _flat_name(key)
+            smap_path, npz_path = sdir / "maps" / f"{name}.{level}.npy", pdir / "maps" / f"{name}.npz"
+            if not smap_path.is_file():
+                raise FileNotFoundError(f"{smap_path}: missing; run 'score' with --save-maps")
+            if not npz_path.is_file():
+                raise FileNotFoundError(f"{npz_path}: missing; run 'sample' with --save-maps")
+            smap = np.load(smap_path).astype(np.float64)
+            z = np.load(npz_path)
+            mask, ex = z["artifact_mask"], np.nan_to_num(z["explosion"].astype(np.float64), nan=1e30, posinf=1e30)
+            S_ = mask.shape[0]
+            if grid == "hr":
+                import torch
+                import torch.nn.functional as F
+                smap = F.interpolate(torch.from_numpy(smap)[None, None], size=mask.shape[1:], mode="bilinear",
+                                     align_corners=False)[0, 0].numpy()
+                ev, exm = mask.sum(0), ex.max(0)
+            else:
+                ev = _pool_events(mask, smap.shape)
+                exm = _pool_events_max(ex, smap.shape)
+            scores.append(smap.ravel())
+            events.append(ev.ravel())
+            trials.append(np.full(smap.size, S_))
+            image.append(np.full(smap.size, i))
+            explosion.append(exm.ravel())
+            names.append(key)
+            if ev.sum() > best[0]:
+                n = int(mask.reshape(S_, -1).sum(1).argmax())
+                best = (float(ev.sum()), {"title": key, "mask": mask[n], "ood": smap, "explosion": z["explosion"][n],
+                                          "attribution": z["attribution"][n]})
+        obs = S.Observations(np.concatenate(scores), np.concatenate(events), np.concatenate(trials),
+                             np.concatenate(image))
+        label = Path(str(g["path"]).replace("bundled:", "")).stem
+        results.append(ModelResult(label, obs, np.concatenate(explosion), image_names=names,
+                                   examples=[best[1]] if best[1] is not None else [],
+                                   notes=[f"{label}: scores from {sdir} (level {level}), samples from {pdir}; grid "
+                                          f"'{grid}'"]))
+    return results
+
+
+def _pool_events_max(x: np.ndarray, grid: tuple) -> np.ndarray:
+    """``[S, H, W]`` -> max over samples and over each cell's HR block, ``[h, w]``."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.asarray(x, np.float64)).amax(0)[None, None]
+    return F.adaptive_max_pool2d(t, grid)[0, 0].numpy()
+
+
 # -- report -----------------------------------------------------------------------------------------------------------
 def analyse(results: list[ModelResult], cfg: CorrelateConfig) -> dict:
     """``{model name: stats.correlate(...) + per_image rows + score histogram counts}``."""

@@ -1,0 +1,219 @@
+r"""Sampling with exploding-inverse detection over image folders: ``run(SampleConfig) -> SampleResult``.
+
+Per image, ``samples`` samples at ``heat`` through :func:`robustness_diag.detect.trace_sampling` (the sampling pass
+is not changed by the tracing). Outputs in ``out_dir``:
+
+* ``samples.csv``: one row per image (appended and flushed as produced, with ``status``/``error``; the resume key):
+  samples, artifact-sample count, mean artifact fraction, NaN pixels, largest inverse slope, first exploding layer,
+  explosion-map max;
+* ``sample_rows.csv``: one row per image and sample: artifact pixel count and fraction, NaN/Inf counts, largest
+  inverse slope, first exploding layer (index and name), explosion-map max;
+* with ``save_maps``: ``maps/<name>.npz`` (``artifact_mask`` bool [S, H, W], ``nan_mask``, ``explosion`` float32
+  [S, H, W] in nats, ``attribution`` int16 [S, H, W] (-1 none), ``events_lr`` [h, w]: in how many samples any HR pixel
+  of an LR cell was an artifact) and PNG overlays of the artifact frequency and of the explosion map;
+* with ``save_samples``: ``samples/<name>.sNN.png`` (clamped to [0, 1] for viewing);
+* ``run.json``: config, versions, the checkpoint's weights digest (``correlate`` pairs runs by it), timing, failures.
+
+Sampling seeds are per image (``seed`` and the file key), so results do not depend on the order or on resuming.
+Odd LR sizes are padded (replicate) to what the flow's squeezes need and the outputs cropped back.
+"""
+from __future__ import annotations
+
+import csv
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .folder_run import EXIT_USAGE, FolderRunConfig, FolderRunError, FolderRunResult, read_table, run_folder
+from .score import InputOptions, _config_record, _device, _flat_name, _setup_errors, _to_lr
+
+DETAIL_COLUMNS = ["path", "sample", "artifact_pixels", "artifact_fraction", "nan_pixels", "inf_pixels",
+                  "max_inverse_slope", "max_log_inverse_slope", "first_exploding_layer", "first_exploding_layer_name",
+                  "explosion_map_max"]
+
+
+@dataclass
+class SampleConfig:
+    """``robustness-diag sample``: see the module docstring. ``max_lr_pixels`` refuses larger LR images (sampling
+    is not tiled: a tile seam would change the sample); ``overlay_writer`` as in :class:`.score.ScoreConfig`."""
+
+    checkpoint: str
+    out_dir: str
+    inputs: InputOptions = field(default_factory=InputOptions)
+    samples: int = 4
+    heat: float = 0.9
+    seed: int = 0
+    upper: float = 1.5
+    lower: float = -0.5
+    save_maps: bool = False
+    save_samples: bool = False
+    max_lr_pixels: int = 512 * 512
+    device: str = "auto"
+    resume: bool = False
+    retry_failed: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    overlay_writer: Optional[Callable] = None
+
+
+@dataclass
+class SampleResult:
+    exit_code: int = 0
+    error: Optional[str] = None
+    run: Optional[FolderRunResult] = None
+    out_dir: Optional[Path] = None
+
+    def summary(self) -> str:
+        return f"error: {self.error}" if self.error else self.run.summary("sampled")
+
+
+def image_seed(seed: int, key: str) -> int:
+    """The sampling seed of one image: stable across runs, orders and resumes."""
+    return (seed * 1_000_003 + zlib.crc32(key.encode("utf-8"))) % (2 ** 63 - 1)
+
+
+def _detail_keep_ok(detail: Path, table: Path) -> None:
+    """On resume: drop per-sample rows of images whose per-image row is missing or failed (a crash in between)."""
+    if not detail.is_file() or not table.is_file():
+        return
+    _, rows = read_table(table)
+    ok = {r["path"] for r in rows if r.get("status") == "ok"}
+    with open(detail, newline="", encoding="utf-8") as f:
+        kept = [r for r in csv.DictReader(f) if r.get("path") in ok]
+    tmp = detail.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=DETAIL_COLUMNS)
+        w.writeheader()
+        w.writerows(kept)
+    tmp.replace(detail)
+
+
+def sample(cfg: SampleConfig) -> SampleResult:
+    """Samples every image with detection; never raises for setup errors or bad files (see ``exit_code``)."""
+    import numpy as np
+    import torch
+
+    import robustness_diag as rd
+    from robustness_diag.data.images import list_images, read_image
+    from robustness_diag.data.tiling import pad_to_multiple
+    from robustness_diag.detect import trace_sampling
+
+    timing = {"load_seconds": 0.0, "sample_seconds": 0.0, "write_seconds": 0.0}
+    t0 = time.time()
+    try:
+        if cfg.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {cfg.samples}")
+        device = _device(cfg.device)
+        flow = rd.load_flow(cfg.checkpoint, device=device).eval()
+        digest = rd.weights_digest(flow)
+        inp = cfg.inputs
+        items = list_images(inp.images, include=inp.include, exclude=inp.exclude, recursive=inp.recursive)
+        if not items:
+            raise ValueError(f"no image files found in {', '.join(map(str, inp.images))}")
+        out_dir = Path(cfg.out_dir)
+    except _setup_errors() as e:
+        return SampleResult(exit_code=EXIT_USAGE, error=str(e))
+    timing["load_seconds"] = round(time.time() - t0, 3)
+    scale = int(flow.config.scale)
+    align = max(1, 2 ** int(flow.config.L) // scale)
+    detail_path = out_dir / "sample_rows.csv"
+    if cfg.resume:
+        _detail_keep_ok(detail_path, out_dir / "samples.csv")
+    elif cfg.overwrite and detail_path.exists():
+        detail_path.unlink()
+    columns = ["width", "height", "lr_width", "lr_height", "samples", "heat", "samples_with_artifacts",
+               "artifact_fraction_mean", "nan_pixels", "max_inverse_slope", "first_exploding_layer",
+               "explosion_map_max"]
+
+    def work(item, decoded):
+        lr, (H, W) = _to_lr(decoded, bool(inp.from_hr), scale, inp.min_size)
+        h, w = lr.shape[-2:]
+        if h * w > cfg.max_lr_pixels:
+            raise ValueError(f"LR image {w}x{h} has more than max_lr_pixels={cfg.max_lr_pixels} pixels (sampling "
+                             f"is not tiled); downscale it or raise --max-lr-pixels")
+        lr_p, _ = pad_to_multiple(lr.to(device), align)
+        t = time.perf_counter()
+        g = torch.Generator(device="cpu").manual_seed(image_seed(cfg.seed, item.key))
+        tr = trace_sampling(flow, lr_p, cfg.heat, cfg.samples, g, upper=cfg.upper, lower=cfg.lower,
+                            keep_layer_maps=False, return_image=cfg.save_samples).cpu()
+        timing["sample_seconds"] += time.perf_counter() - t
+        mask = tr.artifact_mask[:, :h * scale, :w * scale]
+        nan = tr.nan_mask[:, :h * scale, :w * scale]
+        t = time.perf_counter()
+        rows = tr.rows()
+        # counts on the cropped image (padding never counts)
+        for n, r in enumerate(rows):
+            r["artifact_pixels"] = int(mask[n].sum())
+            r["artifact_fraction"] = float(mask[n].float().mean())
+            r["nan_pixels"] = int(nan[n].sum())
+            r["inf_pixels"] = int(tr.inf_mask[n, :h * scale, :w * scale].sum())
+        new = not detail_path.exists() or detail_path.stat().st_size == 0
+        with open(detail_path, "a", newline="", encoding="utf-8") as f:
+            wr = csv.DictWriter(f, fieldnames=DETAIL_COLUMNS, extrasaction="ignore")
+            if new:
+                wr.writeheader()
+            for r in rows:
+                wr.writerow({**r, "path": item.key})
+        name = _flat_name(item.key)
+        events = torch.nn.functional.max_pool2d(mask.float()[:, None], scale)[:, 0].sum(0)     # [h, w]
+        if cfg.save_maps:
+            maps = out_dir / "maps"
+            maps.mkdir(parents=True, exist_ok=True)
+            tmp = maps / f".{name}.tmp.npz"
+            np.savez_compressed(tmp, artifact_mask=mask.numpy(), nan_mask=nan.numpy(),
+                                explosion=tr.explosion_map[:, :h * scale, :w * scale].float().numpy(),
+                                attribution=tr.attribution[:, :h * scale, :w * scale].to(torch.int16).numpy(),
+                                events_lr=events.numpy().astype(np.int16), samples=np.array(cfg.samples))
+            tmp.replace(maps / f"{name}.npz")
+            if cfg.overlay_writer is not None:
+                base = decoded.image if inp.from_hr else torch.nn.functional.interpolate(
+                    lr.float(), scale_factor=scale, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+                cfg.overlay_writer(maps / f"{name}.artifacts.png", base, mask.float().mean(0), vmin=0.0, vmax=1.0)
+                ex = torch.nan_to_num(tr.explosion_map[:, :h * scale, :w * scale].amax(0), nan=1e4, posinf=1e4)
+                cfg.overlay_writer(maps / f"{name}.explosion.png", base, ex, vmin=float(ex.min()),
+                                   vmax=float(ex.max()) if float(ex.max()) > float(ex.min()) else float(ex.min()) + 1)
+        if cfg.save_samples:
+            from PIL import Image
+            sdir = out_dir / "samples"
+            sdir.mkdir(parents=True, exist_ok=True)
+            for s in range(cfg.samples):
+                img = torch.nan_to_num(tr.image[s, :, :h * scale, :w * scale], nan=1.0).clamp(0, 1)
+                arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                Image.fromarray(arr).save(sdir / f"{name}.s{s:02d}.png")
+        timing["write_seconds"] += time.perf_counter() - t
+        slopes = [r["max_log_inverse_slope"] for r in rows if r["max_log_inverse_slope"] == r["max_log_inverse_slope"]]
+        first = [r["first_exploding_layer_name"] for r in rows if r["first_exploding_layer"] >= 0]
+        return {"width": decoded.width, "height": decoded.height, "lr_width": int(w), "lr_height": int(h),
+                "samples": cfg.samples, "heat": cfg.heat,
+                "samples_with_artifacts": sum(1 for r in rows if r["artifact_pixels"] > 0),
+                "artifact_fraction_mean": float(mask.float().mean()), "nan_pixels": int(nan.sum()),
+                "max_inverse_slope": float(np.exp(max(slopes))) if slopes else float("nan"),
+                "first_exploding_layer": first[0] if first else "",
+                "explosion_map_max": max(r["explosion_map_max"] for r in rows)}
+
+    def decode(p):
+        return read_image(p, max_pixels=inp.max_pixels, exif_orientation=inp.exif_orientation)
+
+    def extra():
+        return {"checkpoint": {"path": str(cfg.checkpoint), "weights_digest": digest, "scale": scale,
+                               "family": flow.config.family, "coupling": flow.config.coupling},
+                "sampling": {"samples": cfg.samples, "heat": cfg.heat, "seed": cfg.seed, "from_hr": inp.from_hr,
+                             "thresholds": [cfg.lower, cfg.upper], "device": str(device)},
+                "phase_timing": {k: round(v, 3) for k, v in timing.items()}}
+
+    try:
+        res = run_folder(items, work, columns,
+                         FolderRunConfig(out_dir=str(out_dir), csv_name="samples.csv", resume=cfg.resume,
+                                         retry_failed=cfg.retry_failed, overwrite=cfg.overwrite,
+                                         progress=cfg.progress, command="sample", config=_config_record(cfg),
+                                         decode=decode),
+                         extra_info=extra)
+    except FolderRunError as e:
+        return SampleResult(exit_code=EXIT_USAGE, error=str(e))
+    return SampleResult(exit_code=res.exit_code, run=res, out_dir=out_dir)
+
+
+def run(config: SampleConfig) -> SampleResult:
+    return sample(config)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import correlate_cmd, inspect_cmd
+from . import audit_cmd, correlate_cmd, inspect_cmd
+from . import fit_cmd, sample_cmd, score_cmd
 
 EXIT_USAGE = 2
 
@@ -19,7 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"robustness-diag {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     inspect_cmd.add_parser(sub)
+    fit_cmd.add_parser(sub)
+    score_cmd.add_parser(sub)
+    sample_cmd.add_parser(sub)
     correlate_cmd.add_parser(sub)
+    audit_cmd.add_parser(sub)
     return parser
 
 

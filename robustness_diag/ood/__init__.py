@@ -1,1 +1,33 @@
-"""ood subpackage."""
+r"""Mahalanobis OOD scoring on a flow's conditioner features: streaming fit, per-position maps, image aggregates.
+
+Score convention: the per-position OOD score is the Mahalanobis distance (not squared) of the conditioner feature
+vector g(y) at that position from a Gaussian fitted on in-distribution images; higher = more out of distribution.
+
+Typical use::
+
+    import robustness_diag as rd
+    flow = rd.load_flow("bundled:sr4x_affine")
+    scorer = rd.ood.fit_flow(flow, lr_images, rd.ood.FeatureOptions(levels=["fea_up1"]), shrinkage="oas")
+    scorer.save("stats.safetensors")
+    maps = rd.ood.score_maps(flow, scorer, lr)          # {"fea_up1": [h, w]}
+    rd.ood.aggregate(maps["fea_up1"], scorer.threshold())   # mean, p95, p99, max, frac_above
+"""
+from .errors import NotFittedError, OODError, StatsFileError, StatsMismatchError
+from .gaussian import (SHRINKAGE_METHODS, GaussianAccumulator, ledoit_wolf_shrinkage, oas_shrinkage,
+                       shrunk_covariance, whitening_factor)
+from .scorer import (FORMAT, FORMAT_VERSION, LevelStats, MahalanobisScorer, chi_quantile, mahalanobis_distance, triangular_blocks,
+                     mahalanobis_distance_cf)
+from .features import (AGGREGATES, DEFAULT_LEVEL, FeatureExtractor, FeatureOptions, accumulate, aggregate,
+                       available_levels, conditioner_features, default_level, extractor_for, fit_flow, level_ratio,
+                       lr_alignment, make_accumulators, parse_channels, receptive_field, resolve_levels, score_maps,
+                       upsample_map)
+
+__all__ = [
+    "OODError", "NotFittedError", "StatsFileError", "StatsMismatchError",
+    "SHRINKAGE_METHODS", "GaussianAccumulator", "oas_shrinkage", "ledoit_wolf_shrinkage", "shrunk_covariance",
+    "whitening_factor", "FORMAT", "FORMAT_VERSION", "LevelStats", "MahalanobisScorer", "chi_quantile",
+    "mahalanobis_distance", "mahalanobis_distance_cf", "triangular_blocks", "AGGREGATES", "DEFAULT_LEVEL", "FeatureExtractor",
+    "FeatureOptions", "accumulate", "aggregate", "available_levels", "conditioner_features", "default_level",
+    "extractor_for", "fit_flow", "level_ratio", "lr_alignment", "make_accumulators", "parse_channels",
+    "receptive_field", "resolve_levels", "score_maps", "upsample_map",
+]

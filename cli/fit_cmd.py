@@ -1,0 +1,120 @@
+"""``robustness-diag fit``: Gaussian statistics of a flow's conditioner features over in-distribution images.
+
+Parses and validates the arguments into :class:`robustness_diag.analyses.score.FitConfig`, calls ``run`` and sets the
+exit code: 0 every image used, 1 some images failed (statistics still written from the others; none written when no
+image could be used), 2 usage or setup error (missing checkpoint or folder, bad option).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_image_arguments(p: argparse.ArgumentParser, *, score: bool) -> None:
+    """Options shared by fit and score: inputs, filters, input mode, tiling, device."""
+    g = p.add_argument_group("inputs")
+    g.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                   help="folders (searched recursively), image files, or .txt/.lst file lists (one path per line); "
+                        "PNG, JPEG, WebP, TIFF, BMP; 8/16-bit; gray and RGBA are converted to RGB (said in notes)")
+    g.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="only files whose relative path or name matches (repeatable), e.g. '*.png'")
+    g.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching files (repeatable)")
+    g.add_argument("--no-recursive", action="store_true", help="do not search sub-folders")
+    hr = g.add_mutually_exclusive_group()
+    hr.add_argument("--from-hr", dest="from_hr", action="store_true", default=None,
+                    help="inputs are HR images: downscale them by the flow's scale (bicubic, anti-aliased)")
+    if score:
+        hr.add_argument("--from-lr", dest="from_hr", action="store_false",
+                        help="inputs are LR images (default: whatever the statistics were fitted on)")
+    g.add_argument("--max-pixels", type=int, default=50_000_000, metavar="N",
+                   help="refuse files with more pixels than this (default 50,000,000)")
+    g.add_argument("--min-size", type=int, default=8, metavar="PX",
+                   help="refuse images whose LR side is shorter than this (default 8)")
+    g.add_argument("--exif-orientation", action="store_true", help="apply EXIF orientation (ignored by default)")
+    f = p.add_argument_group("features and tiling")
+    if not score:
+        f.add_argument("--level", dest="levels", action="append", metavar="NAME",
+                       help="feature level to fit (repeatable; default fea_up1, the one at LR resolution; 4X flows "
+                            "also have fea_up2 and fea_up0)")
+        f.add_argument("--channels", metavar="SPEC", help="channel subset, e.g. '0:64' or '0:32,64:96' (default all)")
+    else:
+        f.add_argument("--level", dest="levels", action="append", metavar="NAME",
+                       help="score only these fitted levels (repeatable; default all fitted levels)")
+    f.add_argument("--tile", type=int, default=256, metavar="PX", help="tile size in LR pixels (default 256)")
+    f.add_argument("--margin", type=int, default=None, metavar="PX",
+                   help="tile overlap in LR pixels (default: the receptive field, at most 96)")
+    f.add_argument("--batch", type=int, default=2, metavar="N", help="tiles per forward pass (default 2)")
+    f.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_common(args, prog: str) -> str | None:
+    """Returns a usage-error message, or None."""
+    ck = args.checkpoint
+    if not ck.startswith("bundled:") and not Path(ck).exists():
+        return f"{prog}: checkpoint not found: {ck}"
+    missing = [p for p in args.images if not Path(p).exists()]
+    if missing:
+        return f"{prog}: no such file or folder: {', '.join(missing)}"
+    for name in ("tile", "batch", "min_size", "max_pixels"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            return f"{prog}: --{name.replace('_', '-')} must be at least 1"
+    if args.margin is not None and args.margin < 0:
+        return f"{prog}: --margin must be >= 0"
+    return None
+
+
+def input_options(args):
+    from robustness_diag.analyses.score import InputOptions
+    return InputOptions(images=list(args.images), include=list(args.include), exclude=list(args.exclude),
+                        recursive=not args.no_recursive, from_hr=args.from_hr, max_pixels=args.max_pixels,
+                        min_size=args.min_size, exif_orientation=args.exif_orientation)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "fit", help="fit Gaussian statistics of conditioner features on in-distribution images",
+        description="Stream the conditioner features g(y) of every image through the flow's RRDB and fit one "
+                    "Gaussian per feature level over all positions (float64, exact streaming merges), with OAS, "
+                    "Ledoit-Wolf or relative-ridge shrinkage, and save them as a .safetensors statistics file that "
+                    "records the checkpoint digest, level, channels, pixel count and shrinkage.",
+        epilog="Exit codes: 0 all images used, 1 some images failed (listed; statistics written from the others), "
+               "2 usage or setup error.\nExamples:\n"
+               "  robustness-diag fit bundled:sr4x_affine --images train_lr/ --out stats.safetensors\n"
+               "  robustness-diag fit SRFlow_DF2K_4X.pth --images hr/ --from-hr --shrinkage ledoit-wolf "
+               "--out stats.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="CKPT", help="flow checkpoint (.safetensors, .pth, or bundled:<name>)")
+    p.add_argument("--out", required=True, metavar="FILE", help="statistics file to write (.safetensors)")
+    add_image_arguments(p, score=False)
+    s = p.add_argument_group("statistics")
+    s.add_argument("--shrinkage", default="oas", choices=["oas", "ledoit-wolf", "ridge", "none"],
+                   help="covariance shrinkage (default oas); singular covariances are handled and reported")
+    s.add_argument("--ridge", type=float, default=1e-3, metavar="LAMBDA",
+                   help="for --shrinkage ridge: add LAMBDA * trace(S)/D to the diagonal (default 1e-3)")
+    s.add_argument("--max-condition", type=float, default=1e10, metavar="K",
+                   help="floor eigenvalues at lambda_max/K if the covariance is worse conditioned (default 1e10)")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    err = check_common(args, "robustness-diag fit")
+    if err:
+        print(err, file=sys.stderr)
+        return EXIT_USAGE
+    if args.ridge < 0 or args.max_condition <= 1:
+        print("robustness-diag fit: --ridge must be >= 0 and --max-condition > 1", file=sys.stderr)
+        return EXIT_USAGE
+    from robustness_diag.analyses.score import FitConfig, run
+    cfg = FitConfig(checkpoint=args.checkpoint, out=args.out, inputs=input_options(args), levels=args.levels,
+                    channels=args.channels, shrinkage=args.shrinkage, ridge=args.ridge,
+                    max_condition=args.max_condition, tile=args.tile, margin=args.margin, batch=args.batch,
+                    device=args.device, progress=not args.no_progress)
+    result = run(cfg)
+    stream = sys.stderr if result.exit_code == EXIT_USAGE else sys.stdout
+    print(result.summary() if result.exit_code != EXIT_USAGE else f"robustness-diag fit: {result.error}",
+          file=stream)
+    return result.exit_code

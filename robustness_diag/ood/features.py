@@ -1,0 +1,354 @@
+r"""Conditioner features of a flow, tiled and padded, streamed into a fit or turned into distance maps.
+
+Levels are the reference feature keys of :data:`robustness_diag.flows.rrdb.LEVEL_TO_NAME`: ``fea_up1`` is at LR
+resolution for every scale (the default level), ``fea_up2``/``fea_up4``/... at 2x/4x/... LR, ``fea_up0`` at LR/2.
+Each holds ``cond_channels`` channels (the level feature plus the stacked trunk blocks; 320 for SRFlow, 160 for the
+bundled flows); a channel subset can be chosen.
+
+Images of any size: the LR image ``[1, 3, h, w]`` is padded (bottom/right, replicate) to the multiple the flow needs,
+cut into overlapping tiles (:mod:`robustness_diag.data.tiling`), and outputs are cropped back to the ``h x w`` input
+(``ceil(h*r) x ceil(w*r)`` positions at a level of ratio ``r``). With ``margin >= receptive_field(flow, levels)`` the
+stitched features equal the whole-image features; the default margin is that radius, capped at
+:data:`MAX_AUTO_MARGIN` LR pixels (deep RRDBs have a theoretical radius of several hundred pixels but a much smaller
+effective one; ``stitch_exact`` in :meth:`FeatureExtractor.describe` says whether the cap was hit).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.tiling import crop_to, iter_tiled, pad_to_multiple, plan_tiles, tiled_map
+from .gaussian import GaussianAccumulator
+from .scorer import MahalanobisScorer
+
+DEFAULT_LEVEL = "fea_up1"
+MAX_AUTO_MARGIN = 96
+DEFAULT_TILE = 256
+
+
+def level_ratio(level: str) -> float:
+    """Resolution of a level relative to the LR input: ``fea_up{k}`` -> ``k`` (``k >= 1``), ``fea_up0`` -> 0.5."""
+    if not level.startswith("fea_up"):
+        raise ValueError(f"unknown feature level {level!r} (expected fea_up0, fea_up1, fea_up2, ...)")
+    k = int(level[len("fea_up"):])
+    return 0.5 if k == 0 else float(k)
+
+
+def available_levels(flow) -> list[str]:
+    """Feature levels the flow's couplings use, finest first (4X: ``fea_up2``, ``fea_up1``, ``fea_up0``)."""
+    return [flow.level_names[lv] for lv in range(1, flow.config.L + 1)]
+
+
+def default_level(flow) -> str:
+    """The level at LR resolution (``fea_up1``)."""
+    return DEFAULT_LEVEL
+
+
+def resolve_levels(flow, levels: Optional[Sequence[str]]) -> list[str]:
+    """Validates ``levels`` (None -> ``[default_level(flow)]``); unknown names raise ValueError naming the choices."""
+    avail = available_levels(flow)
+    if not levels:
+        return [default_level(flow)]
+    out = []
+    for lv in levels:
+        if lv not in avail:
+            raise ValueError(f"feature level {lv!r} is not used by this {flow.config.scale}X flow; "
+                             f"choose from {', '.join(avail)}")
+        if lv not in out:
+            out.append(lv)
+    return out
+
+
+def parse_channels(spec, n_channels: int) -> Optional[list[int]]:
+    """Channel selection: None/""/"all" -> None (all); ``"0:64,100,120:130"`` (Python slices, end exclusive) or a
+    sequence of ints -> sorted unique indices in ``[0, n_channels)``. Raises ValueError naming the bad part."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+        return None
+    idx: list[int] = []
+    if isinstance(spec, str):
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                if ":" in part:
+                    a, b = part.split(":", 1)
+                    idx += list(range(int(a) if a else 0, int(b) if b else n_channels))
+                else:
+                    idx.append(int(part))
+            except ValueError:
+                raise ValueError(f"bad channel selection {part!r} (use e.g. 0:64,100,120:130)") from None
+    else:
+        idx = [int(i) for i in spec]
+    bad = [i for i in idx if not 0 <= i < n_channels]
+    if bad:
+        raise ValueError(f"channel indices {bad[:5]} out of range: the level has {n_channels} channels")
+    out = sorted(set(idx))
+    if not out:
+        raise ValueError("empty channel selection")
+    return None if out == list(range(n_channels)) else out
+
+
+def lr_alignment(flow, levels: Sequence[str]) -> int:
+    """LR sizes and tile offsets must be multiples of this: the flow's divisibility (``2**L / gcd(2**L, scale)``),
+    and 2 more if a level is below LR resolution."""
+    m = 2 ** flow.config.L
+    need = m // math.gcd(m, flow.config.scale)
+    for lv in levels:
+        r = level_ratio(lv)
+        if r < 1:
+            k = int(round(1 / r))
+            need = need * k // math.gcd(need, k)
+    return max(1, need)
+
+
+def receptive_field(flow, levels: Sequence[str]) -> int:
+    """Theoretical receptive-field radius in LR pixels of the conditioner features at ``levels``.
+
+    RRDB: ``conv_first`` + ``nb`` blocks of 3 dense blocks of 5 3x3 convs + ``trunk_conv`` = ``2 + 15 nb``; each
+    upsampling conv adds at most one LR pixel; the half-resolution level's 2x2 averaging adds one.
+    """
+    nb = int(flow.config.nb)
+    extra = 0
+    for lv in levels:
+        r = level_ratio(lv)
+        extra = max(extra, 1 if r < 1 else int(round(math.log2(r))))
+    return 2 + 15 * nb + extra
+
+
+def conditioner_features(flow, lr: torch.Tensor, levels: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{level: [B, C, h*r, w*r]}`` for ``lr`` ``[B, 3, h, w]``; equals ``flow.features(lr)`` on those levels but
+    computes only what they need (no check of the LR size: pad first)."""
+    rrdb = getattr(flow, "RRDB", None)
+    if rrdb is not None and hasattr(rrdb, "conditioning"):
+        return rrdb.conditioning(lr, tuple(levels))
+    feats = flow.features(lr)
+    return {k: feats[k] for k in levels}
+
+
+@dataclass
+class FeatureOptions:
+    """How features are taken from images.
+
+    Attributes:
+        levels: feature levels (None: the LR-resolution level ``fea_up1``).
+        channels: channel subset (see :func:`parse_channels`), applied to every level.
+        tile: core tile size in LR pixels (images up to this size are one piece).
+        margin: overlap in LR pixels on each side of a tile (None: receptive field, capped at ``MAX_AUTO_MARGIN``).
+        batch: tiles per forward pass (memory ~ batch x (tile + 2 margin)^2 x channels).
+        pad_mode: padding of odd sizes ("replicate", "reflect", "constant").
+    """
+
+    levels: Optional[Sequence[str]] = None
+    channels: object = None
+    tile: int = DEFAULT_TILE
+    margin: Optional[int] = None
+    batch: int = 2
+    pad_mode: str = "replicate"
+
+
+class FeatureExtractor:
+    """Binds a flow and :class:`FeatureOptions`: padded, tiled feature extraction for one LR image at a time.
+
+    Arguments:
+        flow: an SRFlow-family flow (``flow.features`` / ``flow.RRDB.conditioning``); used in eval mode, no grad.
+        options: :class:`FeatureOptions`.
+    """
+
+    def __init__(self, flow, options: Optional[FeatureOptions] = None):
+        self.flow = flow
+        self.options = opts = options or FeatureOptions()
+        self.levels = resolve_levels(flow, opts.levels)
+        self.n_channels = int(flow.config.cond_channels)
+        self.channels = parse_channels(opts.channels, self.n_channels)
+        self.align = lr_alignment(flow, self.levels)
+        self.ratios = {lv: level_ratio(lv) for lv in self.levels}
+        self.rf = receptive_field(flow, self.levels)
+        self.margin = int(opts.margin) if opts.margin is not None else min(self.rf, MAX_AUTO_MARGIN)
+        self.tile = max(int(opts.tile), self.align)
+        self._ch_index = None
+
+    @property
+    def dim(self) -> int:
+        return len(self.channels) if self.channels is not None else self.n_channels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.flow.parameters()).device
+
+    def describe(self) -> dict:
+        """JSON-ready settings (recorded in statistics files and run.json)."""
+        return {"levels": self.levels, "channels": self.channels, "n_channels_total": self.n_channels,
+                "tile": self.tile, "margin": self.margin, "batch": int(self.options.batch),
+                "pad_mode": self.options.pad_mode, "alignment": self.align, "receptive_field": self.rf,
+                "stitch_exact": self.margin >= self.rf}
+
+    def _select(self, f: torch.Tensor) -> torch.Tensor:
+        if self.channels is None:
+            return f
+        if self._ch_index is None or self._ch_index.device != f.device:
+            self._ch_index = torch.as_tensor(self.channels, dtype=torch.long, device=f.device)
+        return f.index_select(1, self._ch_index)
+
+    def _prepare(self, lr: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if lr.dim() == 3:
+            lr = lr[None]
+        if lr.dim() != 4 or lr.shape[0] != 1 or lr.shape[1] != 3:
+            raise ValueError(f"expected one LR image [1, 3, h, w] or [3, h, w], got {tuple(lr.shape)}")
+        p = next(self.flow.parameters())
+        lr = lr.to(device=p.device, dtype=p.dtype)
+        return pad_to_multiple(lr, self.align, self.options.pad_mode)
+
+    def _tiles(self, hp: int, wp: int):
+        return plan_tiles(hp, wp, self.tile, self.margin, self.align)
+
+    @torch.no_grad()
+    def iter_vectors(self, lr: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+        """Yields, tile by tile, ``{level: [n, D]}`` feature vectors (selected channels) at the positions of the
+        unpadded image, each position exactly once. For streaming fits: memory is bounded by one tile batch."""
+        x, (h, w) = self._prepare(lr)
+        valid = {lv: (math.ceil(h * r - 1e-9), math.ceil(w * r - 1e-9)) for lv, r in self.ratios.items()}
+
+        def fn(win):
+            return conditioner_features(self.flow, win, self.levels)
+
+        for t, parts in iter_tiled(x, fn, self._tiles(*x.shape[-2:]), self.ratios, self.options.batch):
+            out = {}
+            for lv, f in parts.items():
+                r = self.ratios[lv]
+                oy, ox = int(round(t.y0 * r)), int(round(t.x0 * r))
+                vh, vw = valid[lv]
+                f = f[..., :max(0, vh - oy), :max(0, vw - ox)]
+                f = self._select(f)
+                out[lv] = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+            yield out
+
+    @torch.no_grad()
+    def features(self, lr: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stitched whole-image features ``{level: [1, D, ceil(h*r), ceil(w*r)]}`` (selected channels). Memory grows
+        with the image: for inspection and tests; scoring uses :meth:`distance_maps`."""
+        x, size = self._prepare(lr)
+
+        def fn(win):
+            return {k: self._select(v) for k, v in conditioner_features(self.flow, win, self.levels).items()}
+
+        out = tiled_map(x, fn, tile=self.tile, margin=self.margin, ratios=self.ratios, align=self.align,
+                        batch=self.options.batch)
+        return {k: crop_to(v, size, self.ratios[k]) for k, v in out.items()}
+
+    @torch.no_grad()
+    def distance_maps(self, lr: torch.Tensor, scorer: MahalanobisScorer) -> dict[str, torch.Tensor]:
+        """Per-position Mahalanobis distance maps ``{level: [ceil(h*r), ceil(w*r)]}`` (float32, on the flow's
+        device) for one LR image ``[1, 3, h, w]``, tiled and stitched."""
+        missing = [lv for lv in self.levels if lv not in scorer.levels]
+        if missing:
+            raise ValueError(f"the statistics hold no fit for level(s) {', '.join(missing)} "
+                             f"(fitted: {', '.join(scorer.level_names)})")
+        x, size = self._prepare(lr)
+
+        def fn(win):
+            feats = conditioner_features(self.flow, win, self.levels)
+            return {k: scorer.levels[k].distance_map(v, scorer.compute_dtype)[:, None].float()
+                    for k, v in feats.items()}
+
+        out = tiled_map(x, fn, tile=self.tile, margin=self.margin, ratios=self.ratios, align=self.align,
+                        batch=self.options.batch)
+        return {k: crop_to(v, size, self.ratios[k])[0, 0] for k, v in out.items()}
+
+
+def make_accumulators(extractor: FeatureExtractor) -> dict[str, GaussianAccumulator]:
+    """One empty float64 accumulator per level of ``extractor``, on the flow's device."""
+    return {lv: GaussianAccumulator(extractor.dim, device=extractor.device) for lv in extractor.levels}
+
+
+def accumulate(extractor: FeatureExtractor, accs: Mapping[str, GaussianAccumulator], lr: torch.Tensor) -> int:
+    """Streams the features of one LR image ``[1, 3, h, w]`` into ``accs``; returns the number of positions added
+    at the first level."""
+    n = 0
+    first = extractor.levels[0]
+    for parts in extractor.iter_vectors(lr):
+        for lv, v in parts.items():
+            accs[lv].update(v)
+            if lv == first:
+                n += v.shape[0]
+    return n
+
+
+def fit_flow(flow, images: Iterable[torch.Tensor], options: Optional[FeatureOptions] = None, *,
+             shrinkage: str = "oas", ridge: float = 1e-3, max_condition: float = 1e10,
+             meta: Optional[dict] = None) -> MahalanobisScorer:
+    """Fits per-level Gaussians on the conditioner features of in-distribution LR images (streaming).
+
+    Arguments:
+        flow: the flow whose conditioner is scored.
+        images: LR images, each ``[3, h, w]`` or ``[1, 3, h, w]`` in [0, 1] (any sizes; iterated once).
+        options: levels, channels, tiling.
+        shrinkage, ridge, max_condition: see :meth:`MahalanobisScorer.from_accumulators`.
+
+    Returns:
+        A :class:`MahalanobisScorer` whose metadata records the checkpoint digest, levels, channels, pixel counts,
+        shrinkage and feature settings.
+    """
+    from ..flows.digest import weights_digest
+    ex = FeatureExtractor(flow, options)
+    accs = make_accumulators(ex)
+    n_images = 0
+    for img in images:
+        accumulate(ex, accs, img)
+        n_images += 1
+    m = {"checkpoint_digest": weights_digest(flow), "flow_scale": int(flow.config.scale),
+         "flow_family": flow.config.family, "flow_coupling": flow.config.coupling, "n_images": n_images,
+         "features": ex.describe()}
+    m.update(meta or {})
+    return MahalanobisScorer.from_accumulators(
+        accs, shrinkage=shrinkage, ridge=ridge, max_condition=max_condition, channels=ex.channels,
+        n_channels_total={lv: ex.n_channels for lv in ex.levels}, meta=m)
+
+
+def extractor_for(flow, scorer: MahalanobisScorer, options: Optional[FeatureOptions] = None) -> FeatureExtractor:
+    """A :class:`FeatureExtractor` matching the scorer's levels and channels (tiling from ``options``)."""
+    opts = options or FeatureOptions()
+    levels = list(opts.levels) if opts.levels else scorer.level_names
+    ch = scorer.meta.get("channels")
+    return FeatureExtractor(flow, FeatureOptions(levels=levels, channels=ch, tile=opts.tile, margin=opts.margin,
+                                                 batch=opts.batch, pad_mode=opts.pad_mode))
+
+
+def score_maps(flow, scorer: MahalanobisScorer, lr: torch.Tensor,
+               options: Optional[FeatureOptions] = None) -> dict[str, torch.Tensor]:
+    """Distance maps ``{level: [ceil(h*r), ceil(w*r)]}`` of one LR image ``[1, 3, h, w]`` (convenience wrapper of
+    :meth:`FeatureExtractor.distance_maps`; build the extractor once with :func:`extractor_for` in loops)."""
+    return extractor_for(flow, scorer, options).distance_maps(lr, scorer)
+
+
+def upsample_map(score_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (align_corners=False) resize of a map ``[h, w]`` to ``size = (H, W)``, e.g. the HR image for
+    overlays. Returns ``[H, W]`` float32."""
+    m = score_map.float()[None, None]
+    return F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
+
+
+AGGREGATES = ("mean", "p95", "p99", "max", "frac_above")
+
+
+def aggregate(score_map, threshold: float) -> dict[str, float]:
+    """Image-level aggregates of a distance map (any shape): ``mean``, ``p95``, ``p99`` (linear-interpolated
+    percentiles), ``max`` and ``frac_above`` (fraction of positions with distance > ``threshold``). NaN/Inf positions
+    count as above the threshold and are ignored by the other statistics (all-NaN -> NaN)."""
+    a = score_map.detach().cpu().double().numpy().ravel() if isinstance(score_map, torch.Tensor) \
+        else np.asarray(score_map, dtype=np.float64).ravel()
+    finite = np.isfinite(a)
+    if a.size == 0:
+        raise ValueError("empty score map")
+    frac = float(np.mean(~finite | (a > threshold)))
+    f = a[finite]
+    if f.size == 0:
+        return {"mean": float("nan"), "p95": float("nan"), "p99": float("nan"), "max": float("nan"),
+                "frac_above": frac}
+    p95, p99 = np.percentile(f, [95, 99])
+    return {"mean": float(f.mean()), "p95": float(p95), "p99": float(p99), "max": float(f.max()), "frac_above": frac}

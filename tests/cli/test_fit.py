@@ -1,0 +1,65 @@
+"""``robustness-diag fit``: statistics written with their provenance, exit codes 0/1/2, usage errors."""
+from __future__ import annotations
+
+import pytest
+
+import robustness_diag as rd
+from robustness_diag.cli.main import main
+from robustness_diag.ood import MahalanobisScorer
+from tests.ood.helpers import one_thread, smooth_rgb, tiny_flow, write_png  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def setup(tmp_path, one_thread):
+    ck = rd.save_flow(tiny_flow(), tmp_path / "tiny.safetensors")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        write_png(imgs / f"i{i}.png", smooth_rgb(16, 20, seed=i))
+    return ck, imgs
+
+
+def test_fit_writes_statistics_with_options(setup, tmp_path, capsys):
+    ck, imgs = setup
+    out = tmp_path / "s.safetensors"
+    code = main(["fit", str(ck), "--images", str(imgs), "--out", str(out), "--level", "fea_up1", "--level",
+                 "fea_up0", "--channels", "0:8", "--shrinkage", "ridge", "--ridge", "0.01", "--device", "cpu",
+                 "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "3 of 3 images used for the fit" in text and "fea_up0:" in text and f"statistics: {out}" in text
+    sc = MahalanobisScorer.load(out)
+    assert sc.level_names == ["fea_up1", "fea_up0"] and sc.meta["channels"] == list(range(8))
+    assert sc.meta["shrinkage"] == "ridge" and sc.meta["ridge"] == 0.01
+    assert sc.meta["pixel_count"] == {"fea_up1": 3 * 16 * 20, "fea_up0": 3 * 8 * 10}
+    assert sc.levels["fea_up1"].dim == 8
+
+
+def test_fit_exit_1_lists_failed_files(setup, tmp_path, capsys):
+    ck, imgs = setup
+    (imgs / "broken.png").write_text("nope")
+    code = main(["fit", str(ck), "--images", str(imgs), "--out", str(tmp_path / "s.safetensors"), "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 1 and "FAILED broken.png: not a recognised image file" in text
+    assert (tmp_path / "s.safetensors").is_file()          # fitted from the three good images
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fit", "missing.pth", "--images", "IMGS", "--out", "o.safetensors"], "checkpoint not found"),
+    (["fit", "CKPT", "--images", "nowhere", "--out", "o.safetensors"], "no such file or folder"),
+    (["fit", "CKPT", "--images", "IMGS", "--out", "o.safetensors", "--tile", "0"], "--tile must be at least 1"),
+    (["fit", "CKPT", "--images", "IMGS", "--out", "o.safetensors", "--channels", "0:99"], "out of range"),
+    (["fit", "CKPT", "--images", "IMGS", "--out", "o.safetensors", "--level", "fea_up8"], "fea_up8"),
+])
+def test_usage_errors_exit_2(setup, tmp_path, capsys, monkeypatch, args, message):
+    ck, imgs = setup
+    monkeypatch.chdir(tmp_path)
+    args = [str(ck) if a == "CKPT" else str(imgs) if a == "IMGS" else a for a in args]
+    assert main(args + ["--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_argparse_usage_error_is_2(capsys):
+    assert main(["fit", "--shrinkage", "bogus"]) == 2

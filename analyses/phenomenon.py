@@ -20,6 +20,7 @@ import torch
 
 from robustness_diag.data import degradations as deg
 from robustness_diag.data.photos import VALIDATION_PHOTOS, downscale, load_photo, random_crops
+from robustness_diag.detect import trace_sampling
 from robustness_diag.flows.loading import load_flow
 
 
@@ -53,31 +54,26 @@ def conditions(hr: torch.Tensor, scale: int, cfg: PhenomenonConfig) -> dict:
 
 @torch.no_grad()
 def measure(flow, lr: torch.Tensor, cfg: PhenomenonConfig, seed: int) -> dict:
-    """Artifact statistics of ``cfg.samples`` samples per LR image."""
-    max_slope = torch.tensor(-math.inf)
+    """Artifact statistics of ``cfg.samples`` samples per LR image, from :func:`robustness_diag.detect.trace_sampling`.
 
-    def tracer_factory(_index):
-        def tracer(_stage, ladj):
-            nonlocal max_slope
-            # NaN slopes come from NaN inputs (already counted as NaN pixels); report the largest finite one
-            max_slope = torch.maximum(max_slope, torch.nan_to_num(ladj, nan=-math.inf).max())
-        return tracer
-
+    Sample ``s`` uses its own generator seeded ``seed * 1000 + s``. The max inverse slope ignores NaN slopes (they
+    come from NaN inputs, already counted as NaN pixels).
+    """
     any_art, art_px, nan_px, n_px = 0, 0, 0, 0
+    max_log_slope = torch.tensor(-math.inf)
     for s in range(cfg.samples):
         g = torch.Generator().manual_seed(seed * 1000 + s)
-        x, _ = flow.decode_with_ladj(lr, heat=cfg.heat, generator=g, tracer_factory=tracer_factory)
-        if flow.config.residual:
-            x = x + flow.upsample(lr)
-        bad = (~torch.isfinite(x)) | (x > cfg.upper) | (x < cfg.lower)
-        per_pixel = bad.any(dim=1)
+        r = trace_sampling(flow, lr, cfg.heat, 1, g, upper=cfg.upper, lower=cfg.lower, keep_layer_maps=False,
+                           return_image=False)
+        per_pixel = r.artifact_mask
         any_art += int(per_pixel.flatten(1).any(1).sum())
         art_px += int(per_pixel.sum())
-        nan_px += int(torch.isnan(x).any(dim=1).sum())
+        nan_px += int(r.nan_mask.sum())
         n_px += per_pixel.numel()
+        max_log_slope = torch.maximum(max_log_slope, r.max_log_slope.amax().cpu())
     n = cfg.samples * lr.shape[0]
     return {"samples": n, "frac_samples_with_artifact": any_art / n, "frac_artifact_pixels": art_px / n_px,
-            "frac_nan_pixels": nan_px / n_px, "max_inverse_slope": float(torch.exp(max_slope))}
+            "frac_nan_pixels": nan_px / n_px, "max_inverse_slope": float(torch.exp(max_log_slope))}
 
 
 def run(cfg: PhenomenonConfig) -> list[dict]:

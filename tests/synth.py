@@ -441,3 +441,47 @@ def write_yaml_config(path, base: Optional[dict] = None, **fields) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None), encoding="utf-8")
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# reduction of HCFlow layouts (prefix ``flow.``; checkpoint-formats.md section 5)
+# ----------------------------------------------------------------------------------------------
+
+_HC_MAIN_RE = re.compile(r"^flow\.layers\.(\d+)\.(.*)$")
+_HC_COND_RE = re.compile(r"^(flow\.level\d+_condFlow\.)(additional_flow_steps|RRDB_trunk[01])\.(\d+)\.(.*)$")
+
+
+def reduce_hcflow_manifest(entries: Sequence[Entry], K: int = 2, n_cond: int = 1, rrdb_nb: int = 1) -> list[Entry]:
+    """Reduces an HCFlow layout: ``K`` main steps per level, ``n_cond`` conditional steps and ``rrdb_nb`` blocks in
+    each of ``RRDB_trunk0/1`` per conditional flow. Main layers are renumbered per level as
+    ``[squeeze][K steps][split]`` (squeeze and split keep an index without keys), key order and shapes unchanged.
+    The matching upstream options: ``flowDownsampler.K = K + n_cond``, ``splitOff.after_flowstep = [n_cond] * L``,
+    ``splitOff.RRDB_nb = [rrdb_nb, rrdb_nb]``."""
+    idx = sorted({int(m.group(1)) for key, _ in entries for m in [_HC_MAIN_RE.match(key)] if m})
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    mapping: dict[int, int] = {}
+    for level, run in enumerate(runs):
+        base = level * (K + 2) + 1
+        for j, old in enumerate(run[:K]):
+            mapping[old] = base + j
+    out: list[Entry] = []
+    for key, shape in entries:
+        m = _HC_MAIN_RE.match(key)
+        if m:
+            new = mapping.get(int(m.group(1)))
+            if new is not None:
+                out.append((f"flow.layers.{new}.{m.group(2)}", tuple(shape)))
+            continue
+        c = _HC_COND_RE.match(key)
+        if c:
+            limit = n_cond if c.group(2) == "additional_flow_steps" else rrdb_nb
+            if int(c.group(3)) < limit:
+                out.append((key, tuple(shape)))
+            continue
+        out.append((key, tuple(shape)))
+    return out

@@ -33,6 +33,11 @@ class FlowConfig:
         bounds: spline box (left, right, bottom, top).
         heat: default sampling temperature.
         f_in, f_out: shape of the unused ``flowUpsamplerNet.f.0`` conv kept for strict loading (0 = absent).
+        encoder_in_nc: input channels of a conditioner whose input is not the flow image (LLFlow's ConEncoder1: 12 =
+            log image + histogram-equalised image + colour map + noise map); 0 = same as ``in_nc``.
+
+    LLFlow (family "llflow") uses this class with ``scale = 1``, ``in_nc = 3`` (the image the flow models),
+    ``L = 3``, no splits and ``cond_channels`` = the reference's ``conditionInFeaDim``.
     """
 
     family: str = "srflow"
@@ -60,6 +65,7 @@ class FlowConfig:
     heat: float = 0.9
     f_in: int = 320
     f_out: int = 96
+    encoder_in_nc: int = 0
 
     def __post_init__(self):
         self.K = _per_level(self.K, self.L, "K")
@@ -74,7 +80,15 @@ class FlowConfig:
         errors = []
         if self.coupling not in COUPLING_ATTR:
             errors.append(f"coupling must be one of {sorted(COUPLING_ATTR)}, got {self.coupling!r}")
-        if self.scale not in (2, 4, 8, 16):
+        if self.family == "llflow":
+            if self.scale != 1:
+                errors.append(f"LLFlow works at scale 1, got {self.scale}")
+            if self.splits:
+                errors.append(f"LLFlow has no splits, got split levels {self.splits}")
+            if self.encoder_in_nc not in (0, 12):
+                errors.append(f"LLFlow conditioner input of {self.encoder_in_nc} channels: only the shipped input "
+                              "flags (log + histogram-equalised image, 12 channels with the maps) are supported")
+        elif self.scale not in (2, 4, 8, 16):
             errors.append(f"scale must be 2, 4, 8 or 16, got {self.scale}")
         bad = [b for b in self.blocks if not 0 <= b < self.nb]
         if bad:
@@ -121,7 +135,9 @@ def default_settings(family: str, coupling: str, scale: int, nb: int, n_blocks: 
     where a reference default did not fit the weights and a fallback was used.
     """
     notes = []
-    if family == "srflow":
+    if family == "llflow":
+        blocks = [1] if n_blocks == 1 else [1, 3, 5, 7]  # LOL_smallNet / LOL-pc, LOLv2-pc
+    elif family == "srflow":
         blocks = [1, 3, 5, 7] if scale >= 8 else [1, 8, 15, 22]
     else:
         blocks = [1, 8, 15, 22]
@@ -133,12 +149,13 @@ def default_settings(family: str, coupling: str, scale: int, nb: int, n_blocks: 
         if len(set(blocks)) != n_blocks:
             blocks = list(range(n_blocks))
         notes.append(f"reference block indices do not fit nb={nb} with {n_blocks} stacked blocks; guessed {blocks}")
-    if family == "srflow":
+    if family in ("srflow", "llflow"):
         S = None
     else:
         S = [0, 16, 16] if scale == 4 else [0, 0, 16, 16]
     residual = family == "robustnf"
     bounds = [-0.5, 0.5, -0.5, 0.5] if coupling == "rqspline" else None
     eps = 1e-4 if coupling in ("affine", "affine_reparam") else None
-    return {"blocks": blocks, "eps": eps, "S": S, "residual": residual, "bounds": bounds, "heat": 0.9,
+    heat = 0.0 if family == "llflow" else 0.9  # LLFlow's reference output is the heat-0 (colour-map) decode
+    return {"blocks": blocks, "eps": eps, "S": S, "residual": residual, "bounds": bounds, "heat": heat,
             "notes": notes}

@@ -45,12 +45,12 @@ def detect_family(keys) -> Detection:
     frozen = has("invconv.weight_transpose")
     suffix = " (frozen 1x1 conv)" if frozen else ""
     if any(k.startswith("flow.level0_condFlow.") for k in keys):
-        return Detection("hcflow", "HCFlow", evidence=["flow.level0_condFlow.*"])
+        return Detection("hcflow", "HCFlow", "affine_atan", "affine", True, evidence=["flow.level0_condFlow.*"])
     if not has("flowUpsamplerNet.") and any(k.startswith(("RRDB_trunk.", "conv_first.")) for k in keys):
         return Detection("rrdb-encoder", "RRDB encoder only (an SRFlow conditioner pre-training file, not a flow)",
                          evidence=["conv_first.*/RRDB_trunk.* at top level, no flowUpsamplerNet.*"])
     if "RRDB.conv_second.weight" in keys or has("RRDB.fine_tune_color_map.0.weight"):
-        return Detection("llflow", "LLFlow (low-light enhancement)", "affine", "affine",
+        return Detection("llflow", "LLFlow (low-light enhancement)", "affine", "affine", True,
                          evidence=["RRDB.conv_second / RRDB.fine_tune_color_map"])
     if not has("flowUpsamplerNet.layers."):
         return Detection("unknown", "unknown (no flowUpsamplerNet.layers.* or other known flow keys)")
@@ -123,6 +123,9 @@ def infer_architecture(state, det: Detection) -> tuple[dict, list]:
     c1 = shape("RRDB.RRDB_trunk.0.RDB1.conv1.weight")
     f["gc"] = c1[0] if c1 else 32
     f["scale"] = 16 if "RRDB.upconv4.weight" in state else 8 if "RRDB.upconv3.weight" in state else 4
+    if det.family == "llflow":
+        # ConEncoder1: conv_first sees log + histeq image + colour/noise maps (12); the flow models a 3-channel image.
+        f["scale"], f["encoder_in_nc"], f["in_nc"] = 1, cf[1], 3
 
     slots = scan_layers(state)
     levels: list[dict] = []
@@ -141,7 +144,7 @@ def infer_architecture(state, det: Detection) -> tuple[dict, list]:
     f["K"] = [lv["K"] for lv in levels]
     f["n_additional"] = [lv["n_add"] for lv in levels]
     f["splits"] = [i + 1 for i, lv in enumerate(levels) if lv["split"]]
-    expect_l = {4: 3, 8: 4, 16: 4}.get(f["scale"])
+    expect_l = {1: 3, 4: 3, 8: 4, 16: 4}.get(f["scale"])
     if expect_l is not None and f["L"] != expect_l:
         problems.append(f"{f['L']} levels found but a {f['scale']}X SRFlow-family flow has {expect_l}")
     if len(set(f["K"])) > 1:

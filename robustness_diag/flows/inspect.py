@@ -15,6 +15,16 @@ from .rrdb import LEVEL_TO_NAME, _UPCONV
 def unused_keys(flow: SRFlowFamily) -> dict[str, list[str]]:
     """Groups of state_dict keys that the flow never uses in log_prob or sampling, with the reason as the group name."""
     keys = list(flow.state_dict().keys())
+    if flow.config.family == "hcflow":
+        return {}  # every HCFlow tensor is on the sampling or the likelihood path
+    if flow.config.family == "llflow":
+        groups = {
+            "flowUpsamplerNet.f (never run in forward)": [k for k in keys if k.startswith("flowUpsamplerNet.f.")],
+            "ConEncoder1 heads never run (HRconv, conv_last, downconv3, awb_para)": [
+                k for k in keys if k.startswith(("RRDB.HRconv.", "RRDB.conv_last.", "RRDB.downconv3.",
+                                                 "RRDB.awb_para."))],
+        }
+        return {k: v for k, v in groups.items() if v}
     used_feats = set(LEVEL_TO_NAME[flow.config.scale].values())
     chain = list(_UPCONV)  # fea_up2, fea_up4, ... each computed from the previous one
     finest = max((chain.index(k) for k in used_feats if k in chain), default=-1)
@@ -42,6 +52,8 @@ def _range(values) -> list[float] | None:
 @torch.no_grad()
 def inspect_flow(flow: SRFlowFamily) -> dict:
     """Returns a JSON-able report (see the keys); ``verdict`` is one line, ``status`` one of ok/warning/fail."""
+    if flow.config.family == "hcflow":
+        return _inspect_hcflow(flow)
     cfg, info = flow.config, flow.info
     fu = flow.flowUpsamplerNet
     steps = [(i, l) for i, l in enumerate(fu.layers) if isinstance(l, FlowStep)]
@@ -82,6 +94,44 @@ def inspect_flow(flow: SRFlowFamily) -> dict:
     return report
 
 
+def _inspect_hcflow(flow) -> dict:
+    """HCFlow report: same keys as the SRFlow-family report (SRFlow-only settings None) plus ``n_cond_steps`` and
+    ``rrdb_nb``. Certificate: every coupling's inverse slope lies in (exp(-0.4995), exp(0.4995))."""
+    cfg, info = flow.config, flow.info
+    steps = [s for _, _, s in flow.coupling_steps()] + [s for _, _, s in flow.conditional_coupling_steps()]
+    nonfinite = [k for k, v in flow.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    conds = [s.permute.condition_number() for s in steps]
+    keys = [i for i, _, _ in flow.coupling_steps()] + [k for k, _, _ in flow.conditional_coupling_steps()]
+    zeros_logs = [v * Conv2dZeros.LOGSCALE_FACTOR for m in flow.modules() if isinstance(m, Conv2dZeros)
+                  for v in m.logs.flatten().tolist()]
+    bound = steps[0].coupling.inverse_slope_bound() if steps else {}
+    report = {
+        "path": info.get("path"), "format": info.get("format"), "sha256": info.get("sha256"),
+        "family": "hcflow", "variant": info.get("variant", "HCFlow"), "coupling": cfg.coupling,
+        "scale": cfg.scale, "L": cfg.L, "K_per_level": list(cfg.K), "n_additional_per_level": None,
+        "n_cond_steps": list(cfg.n_cond_steps), "rrdb_nb": list(cfg.rrdb_nb),
+        "split_after_levels": list(range(1, cfg.L + 1)), "stacked_blocks": None, "nb": None, "nf": cfg.nf,
+        "frozen_invconv": False, "residual_output": False, "std_channels": 0, "S": None,
+        "eps": 0.0,  # no scale floor: the atan bounds the scale instead (see coupling_inverse_bound)
+        "spline_bounds": None, "default_heat": cfg.heat, "quant": cfg.quant,
+        "parameters": sum(p.numel() for p in flow.parameters()), "tensors": len(flow.state_dict()),
+        "sources": info.get("sources", {}), "inferred": info.get("inferred", []),
+        "defaulted": info.get("defaulted", []),
+        "notes": list(info.get("notes", [])) + ["eps=0: HCFlow couplings have no scale floor; exp(0.318*atan(2s)) "
+                                                "bounds the scale in (0.607, 1.648)"],
+        "unused_keys": {}, "nonfinite_tensors": nonfinite,
+        "invconv_condition_number": {"min": min(conds), "max": max(conds),
+                                     "worst_layer": keys[conds.index(max(conds))]} if conds else None,
+        "frozen_invconv_orthogonality_error": None,
+        "actnorm_logs_range": _range(v for s in steps for v in s.actnorm.logs.flatten().tolist()),
+        "conv2dzeros_log_scale_range": _range(zeros_logs),
+        "coupling_inverse_bound": bound,
+        "coupling_sub_transforms_on_sampling_path": len(steps),
+    }
+    report["status"], report["verdict"] = _verdict(report)
+    return report
+
+
 class _StdProbe:
     """Stands in for a LevelCondition when counting sub-transforms: the std branch runs wherever a step is flagged."""
 
@@ -110,6 +160,11 @@ def _verdict(r: dict) -> tuple[str, str]:
     elif b.get("kind") == "additive":
         head = (f"BOUNDED INVERSE: RQ-spline couplings deviate from a translation by at most "
                 f"{b['max_inverse_deviation']:g} per sub-transform ({n} on the sampling path)")
+        status = "ok"
+    elif r["family"] == "hcflow":
+        head = (f"BOUNDED INVERSE: HCFlow atan-affine couplings, |log scale| < 0.318*pi/2, inverse slope in "
+                f"[{b['min_inverse_slope']:.3f}, {b['max_inverse_slope']:.3f}] per coupling ({n} on the sampling path); "
+                "1x1 convs and ActNorms are not bounded by construction (see condition numbers)")
         status = "ok"
     else:
         head = f"BOUNDED INVERSE: {r['coupling']} inverse slope <= {b.get('max_inverse_slope', float('nan')):.4g}"

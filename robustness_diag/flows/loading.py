@@ -16,7 +16,7 @@ import torch
 from .checkpoint import RawCheckpoint, read_checkpoint
 from .config import NON_INFERABLE, FlowConfig
 from .detection import Detection, defaults_for, detect_family, infer_architecture, infer_std_steps
-from .errors import ArchitectureMismatchError, CheckpointError, UnsupportedFlowError
+from .errors import ArchitectureMismatchError, CheckpointError, ConfigError, UnsupportedFlowError
 from .network import SRFlowFamily
 from .yaml_config import apply_overrides, read_yaml_overrides
 
@@ -84,6 +84,8 @@ def _device(device) -> torch.device:
 
 def _from_own(raw: RawCheckpoint, config) -> SRFlowFamily:
     meta = raw.metadata
+    if isinstance(meta.get("config"), dict) and meta["config"].get("family") == "hcflow":
+        return _hcflow_from_own(raw, config)
     try:
         cfg = FlowConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -106,11 +108,12 @@ def _from_own(raw: RawCheckpoint, config) -> SRFlowFamily:
 
 def _from_third_party(raw: RawCheckpoint, config, residual) -> SRFlowFamily:
     det = detect_family(raw.state.keys())
+    if det.family == "hcflow":
+        return _hcflow_from_third_party(raw, config, det)
     if det.family in ("unknown", "rrdb-encoder"):
         raise UnsupportedFlowError(f"not a recognised flow checkpoint: {det.variant}", raw.path)
     if not det.supported:
-        hint = {"llflow": "LLFlow support is planned", "hcflow": "HCFlow support is planned",
-                "srflow-da": "SRFlow-DA is recognised for detection only",
+        hint = {"srflow-da": "SRFlow-DA is recognised for detection only",
                 }.get(det.family, "recognised, but its coupling maths is not implemented for sampling")
         raise UnsupportedFlowError(f"recognised as {det.variant} (family {det.family}); {hint}", raw.path)
     try:
@@ -158,7 +161,7 @@ def _from_third_party(raw: RawCheckpoint, config, residual) -> SRFlowFamily:
 
 def _build_and_load(raw: RawCheckpoint, cfg: FlowConfig, det: Detection, problems=()) -> SRFlowFamily:
     try:
-        flow = SRFlowFamily(cfg)
+        flow = model_for_config(cfg)
     except ValueError as e:
         raise ArchitectureMismatchError(f"recognised as {det.variant}; cannot build: {e}", raw.path) from None
     expected = flow.state_dict()
@@ -176,6 +179,95 @@ def _build_and_load(raw: RawCheckpoint, cfg: FlowConfig, det: Detection, problem
     flow.eval()
     flow.info = {"nonfinite_keys": bad}
     return flow
+
+
+def _hcflow_overrides(config, path) -> dict:
+    """HCFlowConfig fields from a dict or an HCFlow option YAML (``network_G.flowDownsampler``)."""
+    from .hcflow import read_hcflow_yaml
+    if isinstance(config, dict):
+        return dict(config)
+    import yaml
+    try:
+        opt = yaml.safe_load(Path(config).read_text())
+    except FileNotFoundError:
+        raise ConfigError("config file not found", config) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"not a valid YAML file ({e})", config) from None
+    if not isinstance(opt, dict) or "flowDownsampler" not in (opt.get("network_G") or {}):
+        raise ConfigError("not an HCFlow option file (no 'network_G.flowDownsampler' section)", config)
+    return read_hcflow_yaml(opt)
+
+
+def _hcflow_load(raw: RawCheckpoint, fields: dict, sources: dict, det: Detection, notes: list, problems=()):
+    from .hcflow import HCFlow, HCFlowConfig
+    try:
+        cfg = HCFlowConfig.from_dict(fields)
+        cfg.validate()
+        flow = HCFlow(cfg)
+    except ValueError as e:
+        raise ArchitectureMismatchError(f"recognised as {det.variant}; inconsistent settings: {e}", raw.path) from None
+    expected = flow.state_dict()
+    missing = [k for k in expected if k not in raw.state]
+    unexpected = [k for k in raw.state if k not in expected]
+    mismatched = [(k, tuple(raw.state[k].shape), tuple(v.shape)) for k, v in expected.items()
+                  if k in raw.state and tuple(raw.state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
+        parts = [f"weights do not fit the architecture (family guess: {det.variant}; built for scale={cfg.scale}, "
+                 f"L={cfg.L}, main steps per level {cfg.K}, conditional steps {cfg.n_cond_steps}, "
+                 f"RRDB_nb {cfg.rrdb_nb})"]
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches (key: file vs model): "
+                         + _listing(mismatched, lambda m: f"{m[0]}: {list(m[1])} vs {list(m[2])}"))
+        if problems:
+            parts.append("layout problems: " + "; ".join(problems))
+        raise ArchitectureMismatchError("\n  ".join(parts), raw.path, missing, unexpected, mismatched)
+    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in raw.state.items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    flow.load_state_dict(state, strict=True)
+    flow.eval()
+    flow.info = {"nonfinite_keys": bad}
+    flow.info.update(_info(raw, cfg, det, sources, notes))
+    return flow
+
+
+def _hcflow_from_third_party(raw: RawCheckpoint, config, det: Detection):
+    from .hcflow import hcflow_defaults, infer_hcflow_config
+    fields, problems = infer_hcflow_config(raw.state)
+    sources = {k: "inferred" for k in fields}
+    for k, v in hcflow_defaults(fields["scale"]).items():
+        fields[k], sources[k] = v, "defaulted"
+    if config is not None:
+        over = _hcflow_overrides(config, raw.path)
+        fields.update(over)
+        sources.update({k: "config" for k in over})
+        problems = []
+    return _hcflow_load(raw, fields, sources, det, list(raw.notes), problems)
+
+
+def _hcflow_from_own(raw: RawCheckpoint, config):
+    fields = dict(raw.metadata["config"])
+    sources = {k: "metadata" for k in fields}
+    if config is not None:
+        over = _hcflow_overrides(config, raw.path)
+        fields.update(over)
+        sources.update({k: "config" for k in over})
+    det = Detection("hcflow", raw.metadata.get("variant", "HCFlow"), "affine_atan", "affine", True,
+                    ["robustness-diag safetensors header"])
+    flow = _hcflow_load(raw, fields, sources, det, [])
+    flow.info["provenance"] = raw.metadata.get("provenance", {})
+    return flow
+
+
+def model_for_config(cfg) -> SRFlowFamily:
+    """An untrained network for ``cfg``: :class:`~.llflow.LLFlow` for family "llflow", else :class:`SRFlowFamily`."""
+    if cfg.family == "llflow":
+        from .llflow import LLFlow
+        return LLFlow(cfg)
+    return SRFlowFamily(cfg)
 
 
 def _listing(items, fmt=str) -> str:

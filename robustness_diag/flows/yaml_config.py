@@ -66,6 +66,9 @@ def read_yaml_overrides(path) -> dict:
     put("eps", _get(flow, "CondAffineSeparatedAndCond", "eps"))
     put("hidden", _get(flow, "CondAffineSeparatedAndCond", "hidden_channels"))
     put("std_channels", flow.get("std_channels"))
+    put("cond_channels", flow.get("conditionInFeaDim"))
+    if opt.get("cond_encoder") is not None:
+        _llflow_flags(opt, out, path)
     put("S", flow.get("S"))
     coupling = flow.get("coupling")
     if coupling is not None:
@@ -92,6 +95,21 @@ def read_yaml_overrides(path) -> dict:
     if isinstance(heat, (int, float)):
         out["heat"] = float(heat)
     return out
+
+
+def _llflow_flags(opt: dict, out: dict, path) -> None:
+    """LLFlow option files (``cond_encoder``): the conditioner input width from the input flags; unsupported flags
+    are refused with the flag named."""
+    if opt["cond_encoder"] != "ConEncoder1":
+        raise ConfigError(f"LLFlow cond_encoder {opt['cond_encoder']!r} is not supported (only ConEncoder1)", path)
+    for flag in ("to_yuv", "encode_color_map", "le_curve", "avg_color_map", "histeq_as_input", "sigmoid_output",
+                 "concat_color_map", "gray_map"):
+        if opt.get(flag):
+            raise ConfigError(f"LLFlow option {flag}: true is not supported", path)
+    if not opt.get("concat_histeq") or _get(opt, "datasets", "train", "log_low") is False:
+        raise ConfigError("LLFlow without concat_histeq/log_low is not supported (the shipped configs use both)", path)
+    out["encoder_in_nc"] = 12
+    out["family"] = "llflow"
 
 
 def apply_overrides(fields: dict, over: dict) -> dict:

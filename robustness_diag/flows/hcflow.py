@@ -1,0 +1,554 @@
+r"""HCFlow (JingyunLiang/HCFlow, SR 4X/8X): an HR -> (LR, high-frequency latents) flow; keys ``flow.*``.
+
+Architecture (checkpoint-formats.md section 5), levels ``l = 0..L-1`` (``l = 0`` finest, at HR/2):
+
+* main flow ``flow.layers``: per level a squeeze (no keys), ``K_l`` **unconditional** steps (``actnorm``,
+  ``permute.weight`` [C, C] 1x1 conv, ``affine.f.conv1/conv2/conv3``) and a parameter-free channel split that keeps
+  ``C/2`` channels (the last level keeps 3 channels: the LR image); squeeze and split occupy indices without keys;
+* ``flow.level{l}_condFlow``: a conditional flow for the split-off part ``a_l`` (``C_l - keep_l`` channels):
+  conditional feature ``cf_l = cat(f1, f2)`` (128 ch) with ``first = conv_first(u_l)``, ``f1 = RRDB_trunk0(first)``,
+  ``f2 = trunk_conv1(RRDB_trunk1(f1)) + first``; prior ``(mean, logs) = cross(f(cf_l))``; ``additional_flow_steps``
+  (same step type, coupling conditioned on ``cf_l``).
+  ``u_{L-1} = LR`` (the coarsest level) and ``u_l = cat(z_l, nearest x2 cf_{l+1}, nearest x4 cf_{l+2}, ...)``.
+
+Coupling (``AffineCouplings.AffineCoupling``): ``z1`` = first ``C//2`` channels, ``(shift, s) = cross(f(z1 [, cf]))``,
+``logscale = 0.318 * atan(2 s)``, density direction ``z2 <- (z2 + shift) * exp(logscale)``, sampling
+``z2 <- z2 * exp(-logscale) - shift``. Since ``|atan| < pi/2``, ``|logscale| < 0.318 * pi / 2 = 0.4995``: every
+coupling's inverse slope lies in ``(exp(-0.4995), exp(0.4995)) = (0.607, 1.648)`` -- bounded, unlike SRFlow's affine
+(``1/eps = 1e4``). The 1x1 convs and ActNorms are the same maps as in SRFlow and are not bounded by construction.
+
+Sampling starts from the LR image ``z = lr``; at each split (coarsest first) ``a_l = mean + exp(logs) * eps_l``,
+``eps_l ~ N(0, heat^2)``, then the additional steps are reversed and ``z = cat(z, a_l)``; then the level's main steps
+are reversed and unsqueezed. The reference clamps the result to [0, 1]; :meth:`HCFlow.decode` returns it unclamped.
+
+Likelihood (the reference ``normal_flow_diracLR``): ``objective = log|det| (main flow and conditional flows) +
+sum_l log N(a_l; mean_l, exp(logs_l)) + log N(Q(lr_hat); lr, exp(-6))`` where ``lr_hat`` is the 3-channel output of
+the main flow, ``Q`` rounds to 1/255 after clamping to [0, 1] (a Dirac-delta approximation of ``lr_hat = lr``). The
+reference adds dequantisation noise ``U(0,1)/quant`` to HR and ``-ln(quant) * H * W``; :meth:`HCFlow.log_prob` does
+so only when the noise is passed, so by default it is the objective of the continuous HR image (nats, shape [B]).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bijections import gaussian_log_density
+from .couplings import Tracer
+from .layers import ActNorm2d, Conv2dZeros, FlowLayer, GlowConv2d, InvConv1x1, LevelCondition, cross_split, \
+    squeeze2d, unsqueeze2d
+from .rrdb import RRDB
+
+#: ``logscale = ATAN_GAIN * atan(2 s)``: the reference constant.
+ATAN_GAIN = 0.318
+#: Largest ``|logscale|`` of an HCFlow coupling: ``0.318 * pi / 2``.
+MAX_LOG_SCALE = ATAN_GAIN * math.pi / 2
+#: ``logs`` of the Gaussian that approximates the Dirac delta on the LR image.
+DIRAC_LOGS = -6.0
+
+LayerCallback = Callable[[int, nn.Module, Tensor], None]
+
+
+@dataclass
+class HCFlowConfig:
+    """Architecture of an HCFlow SR network (``test_SR_*_HCFlow.yml`` ``network_G.flowDownsampler``).
+
+    Attributes:
+        scale: 4 (L = 2) or 8 (L = 3); K: main (unconditional) steps per level, i.e. the reference ``K -
+            after_flowstep``; n_cond_steps: conditional-flow steps per level (``splitOff.after_flowstep``);
+        rrdb_nb: blocks of ``RRDB_trunk0`` and ``RRDB_trunk1`` in every conditional flow; nf, gc: their widths;
+        hidden: coupling sub-network width (``hidden_channels``); in_nc: image channels;
+        heat: default sampling temperature (0.9 for 4X, 0.8 for 8X, the test YAMLs); quant: dequantisation levels
+        of the reference NLL (64 for 4X, 256 for 8X; not inferable).
+    """
+
+    family: str = "hcflow"
+    coupling: str = "affine_atan"
+    scale: int = 4
+    L: int = 2
+    K: list = 13
+    n_cond_steps: list = 13
+    rrdb_nb: list = field(default_factory=lambda: [7, 7])
+    nf: int = 64
+    gc: int = 32
+    hidden: int = 64
+    in_nc: int = 3
+    heat: float = 0.9
+    quant: int = 64
+    residual: bool = False
+
+    def __post_init__(self):
+        self.K = [int(k) for k in (self.K if isinstance(self.K, (list, tuple)) else [self.K] * self.L)][:self.L]
+        n = self.n_cond_steps
+        self.n_cond_steps = [int(k) for k in (n if isinstance(n, (list, tuple)) else [n] * self.L)][:self.L]
+        self.rrdb_nb = [int(b) for b in self.rrdb_nb]
+
+    def validate(self) -> None:
+        errors = []
+        if self.family != "hcflow":
+            errors.append(f"family must be 'hcflow', got {self.family!r}")
+        if self.L not in (2, 3) or self.scale != 2 ** self.L:
+            errors.append(f"HCFlow SR exists for scale 4 (L=2) and 8 (L=3), got scale={self.scale}, L={self.L}")
+        if len(self.K) != self.L or len(self.n_cond_steps) != self.L:
+            errors.append(f"K {self.K} and n_cond_steps {self.n_cond_steps} need {self.L} entries")
+        if len(self.rrdb_nb) != 2:
+            errors.append(f"rrdb_nb needs 2 entries (RRDB_trunk0, RRDB_trunk1), got {self.rrdb_nb}")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    # the level plan: (channels after squeeze, kept channels) per level
+    def level_channels(self) -> list[tuple[int, int]]:
+        out, c = [], self.in_nc
+        for level in range(self.L):
+            c *= 4
+            keep = c // 2 if level < self.L - 1 else 3
+            out.append((c, keep))
+            c = keep
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HCFlowConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown HCFlowConfig fields: {unknown}")
+        return cls(**d)
+
+
+class AtanAffineCoupling(FlowLayer):
+    """HCFlow's ``AffineCoupling`` on ``C`` channels (keys ``f.conv1.*``, ``f.conv2.*``, ``f.conv3.*``).
+
+    ``f`` = Conv3x3+ActNorm, ReLU, Conv1x1+ActNorm, ReLU, Conv2dZeros; input ``z1`` (first ``C//2`` channels), or
+    ``cat(z1, cond.features)`` when ``cond_channels > 0``. Scale ``exp(0.318 * atan(2 s))`` in (0.607, 1.648).
+    """
+
+    def __init__(self, channels: int, cond_channels: int = 0, hidden: int = 64):
+        super().__init__()
+        self.channels, self.c_nn = channels, channels // 2
+        self.c_co = channels - self.c_nn
+        self.cond_channels = cond_channels
+        self.f = nn.Module()
+        self.f.conv1 = GlowConv2d(self.c_nn + cond_channels, hidden, 3)
+        self.f.conv2 = GlowConv2d(hidden, hidden, 1)
+        self.f.conv3 = Conv2dZeros(hidden, 2 * self.c_co)
+
+    def _params(self, z1: Tensor, cond: Optional[LevelCondition]) -> tuple[Tensor, Tensor]:
+        x = z1 if self.cond_channels == 0 else torch.cat([z1, cond.features], dim=1)
+        h = self.f.conv3(F.relu(self.f.conv2(F.relu(self.f.conv1(x)))))
+        shift, s = cross_split(h)
+        return shift, ATAN_GAIN * torch.atan(2 * s)
+
+    def forward_map(self, x, cond=None):
+        z1, z2 = x[:, :self.c_nn], x[:, self.c_nn:]
+        shift, logscale = self._params(z1, cond)
+        return torch.cat([z1, (z2 + shift) * torch.exp(logscale)], dim=1), logscale.sum(dim=1)
+
+    def inverse_map(self, y, cond=None, tracer: Optional[Tracer] = None):
+        z1, z2 = y[:, :self.c_nn], y[:, self.c_nn:]
+        shift, logscale = self._params(z1, cond)
+        if tracer is not None:
+            tracer("self", -logscale)
+        return torch.cat([z1, z2 * torch.exp(-logscale) - shift], dim=1), (-logscale).sum(dim=1)
+
+    @staticmethod
+    def inverse_slope_bound() -> dict:
+        return {"kind": "multiplicative", "max_inverse_slope": math.exp(MAX_LOG_SCALE),
+                "min_inverse_slope": math.exp(-MAX_LOG_SCALE),
+                "note": f"HCFlow atan affine: |log scale| < 0.318*pi/2 = {MAX_LOG_SCALE:.4f}, so the inverse slope "
+                        f"of every coupling lies in ({math.exp(-MAX_LOG_SCALE):.4f}, {math.exp(MAX_LOG_SCALE):.4f})"}
+
+
+class HCFlowStep(FlowLayer):
+    """ActNorm -> 1x1 conv (``permute.weight``) -> atan affine coupling; sampling runs the reverse."""
+
+    coupling_attr = "affine"
+
+    def __init__(self, channels: int, cond_channels: int = 0, hidden: int = 64):
+        super().__init__()
+        self.actnorm = ActNorm2d(channels)
+        self.permute = InvConv1x1(channels)
+        self.affine = AtanAffineCoupling(channels, cond_channels, hidden)
+
+    @property
+    def coupling(self) -> AtanAffineCoupling:
+        return self.affine
+
+    @property
+    def invconv(self) -> InvConv1x1:
+        """Alias of ``permute`` so SRFlow-family audits (condition numbers) apply unchanged."""
+        return self.permute
+
+    def forward_map(self, x, cond=None):
+        z, a = self.actnorm.forward_map(x)
+        z, b = self.permute.forward_map(z)
+        z, c = self.affine.forward_map(z, cond)
+        return z, a + b + c
+
+    def inverse_map(self, y, cond=None, tracer: Optional[Tracer] = None):
+        z, c = self.affine.inverse_map(y, cond, tracer)
+        z, b = self.permute.inverse_map(z)
+        z, a = self.actnorm.inverse_map(z)
+        return z, a + b + c
+
+
+class _Squeeze(nn.Module):
+    """Placeholder occupying a squeeze index (no keys)."""
+
+
+class _Split(nn.Module):
+    """Placeholder occupying a split index (no keys): keeps the first ``keep`` channels."""
+
+    def __init__(self, keep: int, level: int):
+        super().__init__()
+        self.keep, self.level = keep, level
+
+
+class ConditionalFlow(nn.Module):
+    """``flow.level{l}_condFlow``: conditional feature extractor, prior head ``f`` and conditional steps.
+
+    Arguments:
+        channels: ``C_l`` (after the squeeze); keep: channels kept by the split (``u`` input has ``keep`` + 128 per
+        coarser level); n_levels_condition: coarser levels whose features enter ``u``; n_steps: conditional steps.
+    """
+
+    def __init__(self, channels: int, keep: int, n_levels_condition: int, n_steps: int, rrdb_nb: list,
+                 nf: int = 64, gc: int = 32, hidden: int = 64):
+        super().__init__()
+        self.consume = channels - keep
+        self.conv_first = nn.Conv2d(keep + 2 * nf * n_levels_condition, nf, 3, 1, 1)
+        self.RRDB_trunk0 = nn.Sequential(*[RRDB(nf, gc) for _ in range(rrdb_nb[0])])
+        self.RRDB_trunk1 = nn.Sequential(*[RRDB(nf, gc) for _ in range(rrdb_nb[1])])
+        self.trunk_conv1 = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.additional_flow_steps = nn.ModuleList(HCFlowStep(self.consume, 2 * nf, hidden) for _ in range(n_steps))
+        self.f = Conv2dZeros(2 * nf, 2 * self.consume)
+
+    def feature(self, u: Tensor) -> Tensor:
+        """``cf = cat(f1, f2)``, ``[B, 2 nf, H_l, W_l]`` (128 channels)."""
+        first = self.conv_first(u)
+        f1 = self.RRDB_trunk0(first)
+        return torch.cat([f1, self.trunk_conv1(self.RRDB_trunk1(f1)) + first], dim=1)
+
+    def prior(self, cf: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean, logs)`` of the split-off part, each ``[B, consume, H_l, W_l]``."""
+        return cross_split(self.f(cf))
+
+    def encode(self, a: Tensor, cf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Density direction: returns ``(eps, ladj [B], logp [B])`` with ``eps`` the standardised latent."""
+        cond = LevelCondition(cf)
+        ladj = a.new_zeros(a.shape[0])
+        for step in self.additional_flow_steps:
+            a, m = step.forward_map(a, cond)
+            ladj = ladj + m.sum(dim=(1, 2))
+        mean, logs = self.prior(cf)
+        return (a - mean) / torch.exp(logs), ladj, gaussian_log_density(a, mean, logs).sum(dim=(1, 2, 3))
+
+    def decode(self, eps: Tensor, cf: Tensor, tracer_factory=None, name: str = "") -> tuple[Tensor, Tensor]:
+        """Sampling direction from the standardised latent: returns ``(a, log|da/deps| [B])``."""
+        mean, logs = self.prior(cf)
+        a = mean + torch.exp(logs) * eps
+        ladj = logs.sum(dim=(1, 2, 3))
+        cond = LevelCondition(cf)
+        for k in reversed(range(len(self.additional_flow_steps))):
+            tracer = tracer_factory(f"{name}.additional_flow_steps.{k}") if tracer_factory is not None else None
+            a, m = self.additional_flow_steps[k].inverse_map(a, cond, tracer)
+            ladj = ladj + m.sum(dim=(1, 2))
+        return a, ladj
+
+
+class HCFlowNet(nn.Module):
+    """The ``flow`` submodule: ``layers`` (placeholders for squeezes/splits, steps) and ``level{l}_condFlow``."""
+
+    def __init__(self, cfg: HCFlowConfig):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        self.level_of: list[int] = []
+        for level, (c, keep) in enumerate(cfg.level_channels()):
+            self._add(_Squeeze(), level)
+            for _ in range(cfg.K[level]):
+                self._add(HCFlowStep(c, 0, cfg.hidden), level)
+            self._add(_Split(keep, level), level)
+        for level, (c, keep) in enumerate(cfg.level_channels()):
+            self.add_module(f"level{level}_condFlow", ConditionalFlow(
+                c, keep, cfg.L - 1 - level, cfg.n_cond_steps[level], cfg.rrdb_nb, cfg.nf, cfg.gc, cfg.hidden))
+
+    def _add(self, layer: nn.Module, level: int) -> None:
+        self.layers.append(layer)
+        self.level_of.append(level)
+
+    def cond_flow(self, level: int) -> ConditionalFlow:
+        return getattr(self, f"level{level}_condFlow")
+
+
+class HCFlow(nn.Module):
+    """HCFlow SR: a flow HR <-> (LR, high-frequency latents). Images are NCHW RGB in [0, 1].
+
+    Same method names as :class:`~.network.SRFlowFamily`: ``features``, ``encode``, ``log_prob``, ``decode``,
+    ``decode_with_ladj``, ``sample``, ``latent_shapes``, ``draw_latents``, ``coupling_steps``. Shapes: ``lr`` ``[B, 3,
+    h, w]``, HR ``[B, 3, s h, s w]`` (s = 4 or 8). Latents are the standardised split-off parts, finest level first:
+    ``[eps_0 [B, C_0 - keep_0, sh/2, sw/2], ..., eps_{L-1} [B, 4 keep_{L-2} - 3, h, w]]`` (4X: 6 and 21 channels).
+    ``std`` arguments are accepted and ignored. Not defined: a residual output (``upsample`` is only the bicubic
+    helper), per-layer tracing through the SRFlow-only ``rd.detect`` layer names.
+    """
+
+    def __init__(self, config: HCFlowConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.flow = HCFlowNet(config)
+        self.info: dict = {}
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+    def _check_lr(self, lr: Tensor) -> None:
+        if lr.dim() != 4 or lr.shape[1] != self.config.in_nc:
+            raise ValueError(f"LR must be [B, {self.config.in_nc}, h, w], got {tuple(lr.shape)}")
+
+    def _u(self, level: int, z: Tensor, feats: dict[int, Tensor]) -> Tensor:
+        """Input of ``level{level}_condFlow``: ``z`` plus nearest-upsampled features of every coarser level."""
+        parts = [z] + [F.interpolate(feats[j], scale_factor=2 ** (j - level), mode="nearest")
+                       for j in range(level + 1, self.config.L)]
+        return torch.cat(parts, dim=1)
+
+    def upsample(self, lr: Tensor) -> Tensor:
+        """Bicubic x``scale`` upsampling (torch, align_corners False); HCFlow has no residual output."""
+        return F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
+
+    # -- density direction -------------------------------------------------------------------------------------------
+    def encode(self, x: Tensor, lr: Tensor, std: Optional[Tensor] = None, noise: Optional[Tensor] = None
+               ) -> tuple[list[Tensor], Tensor]:
+        """Returns ``(latents, objective)``: standardised latents finest level first and the reference objective in
+        nats ``[B]`` (module docstring). ``noise``: optional ``U(0,1)`` draws shaped like ``x``; when given, HR is
+        dequantised as the reference does (``x + noise/quant``, objective ``- ln(quant) * H * W``)."""
+        self._check_lr(lr)
+        s = self.config.scale
+        if x.shape[0] != lr.shape[0] or tuple(x.shape[1:]) != (lr.shape[1], lr.shape[2] * s, lr.shape[3] * s):
+            raise ValueError(f"HR must be [B, 3, {s}h, {s}w] for LR {tuple(lr.shape)}, got {tuple(x.shape)}")
+        objective = x.new_zeros(x.shape[0])
+        if noise is not None:
+            x = x + noise / self.config.quant
+            objective = objective - math.log(self.config.quant) * x.shape[2] * x.shape[3]
+        z, split_off, kept = x, {}, {}
+        for layer, level in zip(self.flow.layers, self.flow.level_of):
+            if isinstance(layer, _Squeeze):
+                z = squeeze2d(z)
+            elif isinstance(layer, _Split):
+                z, split_off[level] = z[:, :layer.keep], z[:, layer.keep:]
+                kept[level] = z
+            else:
+                z, m = layer.forward_map(z, None)
+                objective = objective + m.sum(dim=(1, 2))
+        feats: dict[int, Tensor] = {}
+        latents: dict[int, Tensor] = {}
+        for level in reversed(range(self.config.L)):
+            cfm = self.flow.cond_flow(level)
+            feats[level] = cfm.feature(self._u(level, kept[level], feats))
+            latents[level], ladj, logp = cfm.encode(split_off[level], feats[level])
+            objective = objective + ladj + logp
+        lr_hat = torch.round(torch.clamp(z, 0, 1) * 255.0) / 255.0
+        dirac = gaussian_log_density(lr_hat, lr, torch.full_like(lr, DIRAC_LOGS)).sum(dim=(1, 2, 3))
+        return [latents[level] for level in range(self.config.L)], objective + dirac
+
+    def log_prob(self, hr: Tensor, lr: Tensor, std: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> Tensor:
+        """The reference objective of ``hr`` given ``lr`` in nats, ``[B]`` (see :meth:`encode`; without ``noise`` no
+        dequantisation offset). Bits per dim for display: ``-log_prob / (ln 2 * 3 H W)``; the reference prints
+        ``/(ln 2 * H W)`` averaged over the batch."""
+        return self.encode(hr, lr, std, noise)[1]
+
+    # -- sampling direction ------------------------------------------------------------------------------------------
+    def latent_shapes(self, lr: Tensor) -> list[tuple[int, ...]]:
+        """Shapes of ``[eps_0, ..., eps_{L-1}]`` for this LR batch."""
+        self._check_lr(lr)
+        b, h, w = lr.shape[0], lr.shape[2] * self.config.scale, lr.shape[3] * self.config.scale
+        shapes = []
+        for level, (c, keep) in enumerate(self.config.level_channels()):
+            shapes.append((b, c - keep, h // 2 ** (level + 1), w // 2 ** (level + 1)))
+        return shapes
+
+    def draw_latents(self, lr: Tensor, heat: float, generator: Optional[torch.Generator] = None) -> list[Tensor]:
+        """``N(0, heat^2)`` latents drawn on the generator's device (CPU by default), coarsest level first (the
+        reference's order), moved to ``lr``'s device and dtype; ``heat = 0`` gives zeros (the prior means)."""
+        shapes = self.latent_shapes(lr)
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        out: list[Optional[Tensor]] = [None] * len(shapes)
+        for i in reversed(range(len(shapes))):
+            out[i] = lr.new_zeros(shapes[i]) if heat == 0 else \
+                (torch.randn(shapes[i], generator=generator, device=gdev) * heat).to(lr)
+        return out
+
+    def _check_latents(self, lr: Tensor, latents: list[Tensor]) -> None:
+        want, got = self.latent_shapes(lr), [tuple(t.shape) for t in latents]
+        if got != want:
+            raise ValueError(f"latents have shapes {got}, expected {want} ([eps_0, ..., eps_{{L-1}}], finest first)")
+
+    def decode_with_ladj(self, lr: Tensor, heat: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                         latents: Optional[list[Tensor]] = None, std: Optional[Tensor] = None,
+                         tracer_factory: Optional[Callable] = None,
+                         layer_callback: Optional[LayerCallback] = None, *, return_features: bool = False):
+        """Reverse pass from ``z = lr``. Returns ``(x [B, 3, H, W] unclamped, log|dx/d(latents)| [B])`` (plus the
+        per-level conditional features ``{level: [B, 128, H_l, W_l]}`` with ``return_features``).
+
+        ``tracer_factory(key)`` gets the main-flow layer index (int) or ``"level{l}_condFlow.additional_flow_steps.{k}"``
+        and may return a coupling tracer; ``layer_callback(index, layer, z)`` runs after every main-flow layer."""
+        heat = self.config.heat if heat is None else heat
+        if latents is None:
+            latents = self.draw_latents(lr, heat, generator)
+        else:
+            self._check_lr(lr)
+            self._check_latents(lr, latents)
+        z = lr
+        ladj = lr.new_zeros(lr.shape[0])
+        feats: dict[int, Tensor] = {}
+        layers = self.flow.layers
+        for i in reversed(range(len(layers))):
+            layer, level = layers[i], self.flow.level_of[i]
+            if isinstance(layer, _Split):
+                cfm = self.flow.cond_flow(level)
+                feats[level] = cfm.feature(self._u(level, z, feats))
+                a, m = cfm.decode(latents[level], feats[level], tracer_factory, f"level{level}_condFlow")
+                z = torch.cat([z, a], dim=1)
+                ladj = ladj + m
+            elif isinstance(layer, _Squeeze):
+                z = unsqueeze2d(z)
+            else:
+                tracer = tracer_factory(i) if tracer_factory is not None else None
+                z, m = layer.inverse_map(z, None, tracer)
+                ladj = ladj + m.sum(dim=(1, 2))
+            if layer_callback is not None:
+                layer_callback(i, layer, z)
+        return (z, ladj, feats) if return_features else (z, ladj)
+
+    def decode(self, lr: Tensor, heat: Optional[float] = None, generator: Optional[torch.Generator] = None,
+               latents: Optional[list[Tensor]] = None, std: Optional[Tensor] = None) -> Tensor:
+        """Raw flow output ``[B, 3, H, W]`` (the reference's reverse pass before its final clamp to [0, 1])."""
+        return self.decode_with_ladj(lr, heat, generator, latents, std)[0]
+
+    def sample(self, lr: Tensor, heat: Optional[float] = None, generator: Optional[torch.Generator] = None,
+               latents: Optional[list[Tensor]] = None, std: Optional[Tensor] = None) -> Tensor:
+        """Final image before clamping (= :meth:`decode`; HCFlow has no residual output)."""
+        return self.decode(lr, heat, generator, latents, std)
+
+    def features(self, lr: Tensor) -> dict[str, Tensor]:
+        """Conditional-flow features ``{"level{l}_condFlow": [B, 128, s h / 2**(l+1), s w / 2**(l+1)]}``, finest
+        first. The coarsest (``l = L-1``, LR resolution) is a function of the LR image alone; the finer ones are taken
+        on the heat-0 sampling path (every latent at its prior mean), so all are deterministic functions of ``lr``."""
+        self._check_lr(lr)
+        zeros = self.draw_latents(lr, 0.0)
+        _, _, feats = self.decode_with_ladj(lr, 0.0, None, zeros, return_features=True)
+        return {f"level{level}_condFlow": feats[level] for level in range(self.config.L)}
+
+    # -- introspection -----------------------------------------------------------------------------------------------
+    def coupling_steps(self) -> list[tuple[int, int, HCFlowStep]]:
+        """``(layer_index, level, step)`` for the main-flow steps (``level`` 1-based, 1 = finest, as SRFlow's)."""
+        return [(i, self.flow.level_of[i] + 1, l) for i, l in enumerate(self.flow.layers) if isinstance(l, HCFlowStep)]
+
+    def conditional_coupling_steps(self) -> list[tuple[str, int, HCFlowStep]]:
+        """``(key prefix, level, step)`` for the steps inside the conditional flows (all on the sampling path)."""
+        out = []
+        for level in range(self.config.L):
+            for k, step in enumerate(self.flow.cond_flow(level).additional_flow_steps):
+                out.append((f"flow.level{level}_condFlow.additional_flow_steps.{k}", level + 1, step))
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"family=hcflow, scale={c.scale}, L={c.L}, K={c.K}, n_cond_steps={c.n_cond_steps}, rrdb_nb={c.rrdb_nb}"
+
+
+# -- reading the layout from a state_dict -----------------------------------------------------------------------------
+_MAIN = re.compile(r"^flow\.layers\.(\d+)\.")
+_COND = re.compile(r"^flow\.level(\d+)_condFlow\.")
+
+
+def infer_hcflow_config(state) -> tuple[dict, list]:
+    """HCFlowConfig fields from key names and shapes; returns ``(fields, problems)``.
+
+    Main steps per level: runs of consecutive ``flow.layers.{i}`` indices (a squeeze and a split leave gaps);
+    conditional steps and RRDB depths: counted under each ``level{l}_condFlow``; hidden: ``conv1`` output channels.
+    """
+    problems = []
+    idx = sorted({int(m.group(1)) for k in state for m in [_MAIN.match(k)] if m})
+    levels = sorted({int(m.group(1)) for k in state for m in [_COND.match(k)] if m})
+    L = len(levels)
+    runs: list[list[int]] = []
+    for i in idx:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    K = [len(r) for r in runs]
+    if len(K) != L:
+        problems.append(f"{len(K)} runs of main flow steps but {L} conditional flows")
+    expected_first = 1
+    for r, k in zip(runs, K):
+        if r[0] != expected_first:
+            problems.append(f"main steps start at index {r[0]}, expected {expected_first} (squeeze/split gaps)")
+        expected_first = r[-1] + 3
+
+    def count(prefix: str, pat: str) -> int:
+        rx = re.compile(re.escape(prefix) + pat)
+        found = {int(m.group(1)) for k in state for m in [rx.match(k)] if m}
+        return 1 + max(found) if found else 0
+
+    n_cond = [count(f"flow.level{l}_condFlow.", r"additional_flow_steps\.(\d+)\.") for l in levels]
+    nb0 = count("flow.level0_condFlow.", r"RRDB_trunk0\.(\d+)\.")
+    nb1 = count("flow.level0_condFlow.", r"RRDB_trunk1\.(\d+)\.")
+    cf = state.get("flow.level0_condFlow.conv_first.weight")
+    c1 = state.get("flow.layers.1.affine.f.conv1.weight")
+    in_nc = 3
+    an = state.get("flow.layers.1.actnorm.bias")
+    if an is not None:
+        in_nc = int(an.shape[1]) // 4
+    g = state.get("flow.level0_condFlow.RRDB_trunk0.0.RDB1.conv1.weight")
+    fields = {"scale": 2 ** L, "L": L, "K": K, "n_cond_steps": n_cond, "rrdb_nb": [nb0, nb1],
+              "nf": int(cf.shape[0]) if cf is not None else 64, "gc": int(g.shape[0]) if g is not None else 32,
+              "hidden": int(c1.shape[0]) if c1 is not None else 64, "in_nc": in_nc}
+    return fields, problems
+
+
+def hcflow_defaults(scale: int) -> dict:
+    """Settings no weight reveals (the test YAMLs): heat 0.9 and quant 64 for 4X, heat 0.8 and quant 256 for 8X."""
+    return {"heat": 0.8, "quant": 256} if scale == 8 else {"heat": 0.9, "quant": 64}
+
+
+def read_hcflow_yaml(opt: dict) -> dict:
+    """HCFlowConfig fields from an HCFlow option dict (``network_G.flowDownsampler``, ``scale``, ``quant``,
+    ``val.heats``: the largest non-zero heat)."""
+    out: dict = {}
+    fd = (opt.get("network_G") or {}).get("flowDownsampler") or {}
+    so = fd.get("splitOff") or {}
+    if opt.get("scale") is not None:
+        out["scale"] = int(opt["scale"])
+    if fd.get("L") is not None:
+        out["L"] = int(fd["L"])
+    after = so.get("after_flowstep")
+    if fd.get("K") is not None and after is not None:
+        L = out.get("L", len(after) if isinstance(after, list) else 2)
+        after_l = after if isinstance(after, list) else [after] * L
+        k_l = fd["K"] if isinstance(fd["K"], list) else [fd["K"]] * L
+        out["K"] = [int(k) - int(a) for k, a in zip(k_l, after_l)]
+        out["n_cond_steps"] = [int(a) for a in after_l]
+    if so.get("RRDB_nb") is not None:
+        out["rrdb_nb"] = [int(b) for b in so["RRDB_nb"]]
+    for src, dst in (("RRDB_nf", "nf"), ("RRDB_gc", "gc")):
+        if so.get(src) is not None:
+            out[dst] = int(so[src])
+    if fd.get("hidden_channels") is not None:
+        out["hidden"] = int(fd["hidden_channels"])
+    if opt.get("quant") is not None:
+        out["quant"] = int(opt["quant"])
+    heats = (opt.get("val") or {}).get("heats")
+    if isinstance(heats, list) and any(float(h) > 0 for h in heats):
+        out["heat"] = max(float(h) for h in heats)
+    return out

@@ -485,3 +485,16 @@ def reduce_hcflow_manifest(entries: Sequence[Entry], K: int = 2, n_cond: int = 1
             continue
         out.append((key, tuple(shape)))
     return out
+
+
+def small_llflow_checkpoint(path, seed: int = 3) -> Path:
+    """A reduced LLFlow smallNet (``nb=2``, ``K=2``) with random weights, written as a raw state_dict ``.pth``."""
+    sd = build_state_dict(reduce_manifest(read_manifest("LLFlow_LOL_smallNet"), nb=2, K=2), seed=seed)
+    return write_variant(sd, Path(path), "raw")
+
+
+def small_hcflow_checkpoint(path, seed: int = 3) -> Path:
+    """A reduced 4X HCFlow (``K=2``, one conditional step, one RRDB per trunk) with random weights, as a raw ``.pth``."""
+    sd = build_state_dict(reduce_hcflow_manifest(read_manifest("SR_DF2K_4X_HCFlow"), K=2, n_cond=1, rrdb_nb=1),
+                          seed=seed)
+    return write_variant(sd, Path(path), "raw")

@@ -1,10 +1,11 @@
 r"""Instrumented sampling: exploding-inverse traces, artifact masks and explosion maps of one sampling pass.
 
-:func:`trace_sampling` runs the ordinary reverse pass of an SRFlow-family flow (``flow.decode_with_ladj``) with a
-coupling tracer and a layer callback attached. The hooks only *read* tensors, so the sample is bitwise the one that
-``flow.sample`` gives for the same latents. Everything is reduced on the device while sampling (no ``.item()``, no
-``.cpu()``, no branching on tensor values); the small per-layer record and the HR maps come back in one transfer
-when the caller asks (:meth:`TraceResult.cpu`, :meth:`TraceResult.rows`).
+:func:`trace_sampling` runs the ordinary reverse pass of an SRFlow-family flow (SRFlow, robustNF, NCSR, LLFlow) or
+of an HCFlow (``flow.decode_with_ladj``) with a coupling tracer and a layer callback attached. The hooks only
+*read* tensors, so the sample is bitwise the one that ``flow.sample`` gives for the same latents. Everything is
+reduced on the device while sampling (no ``.item()``, no ``.cpu()``, no branching on tensor values); the small
+per-layer record and the HR maps come back in one transfer when the caller asks (:meth:`TraceResult.cpu`,
+:meth:`TraceResult.rows`).
 
 Quantities (``N = n_samples * B`` samples, ordered sample-major: row ``s * B + b`` is sample ``s`` of image ``b``):
 
@@ -22,6 +23,15 @@ Quantities (``N = n_samples * B`` samples, ordered sample-major: row ``s * B + b
 * **artifact mask** ``[N, H, W]``: the reference criterion on the final image (``flow.sample``'s output, before
   clamping): any channel ``> upper`` or ``< lower`` or non-finite; ``nan_mask``/``inf_mask`` likewise per pixel.
 
+Levels are *trace levels*: resolution ``HR / 2**level``. For SRFlow-family flows they are the flow's own levels
+(1..L); for HCFlow they are its 0-based levels plus one (HCFlow level 0, at HR/2, is trace level 1), so names and
+maps mean the same for both. HCFlow specifics: the pass starts from the LR image (the growth of the first layer is
+measured against ``|lr|``); a split samples its part ``a_l`` through the level's conditional flow, whose couplings
+are recorded as *stages of the split* (``"condFlow step k coupling"``, k 1-based in reference order) and whose
+ActNorms, 1x1 convs and prior ``logs`` enter the level's explosion map, so an explosion inside a conditional flow is
+attributed to its split (``first_layer_name``: ``"level 1 split/condFlow step 2 coupling"``, the stage with the
+largest inverse slope). HCFlow has no residual output.
+
 References:
     Hong, Park & Chun, "On the Robustness of Normalizing Flows for Inverse Problems in Imaging", ICCV 2023,
     https://arxiv.org/abs/2212.04319
@@ -35,6 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..flows.hcflow import HCFlow, HCFlowStep, _Split, _Squeeze
 from ..flows.layers import InvConv1x1, Split2d, Squeeze
 from ..flows.network import FlowStep, SRFlowFamily
 
@@ -66,34 +77,35 @@ def artifact_masks(image: Tensor, upper: float = UPPER, lower: float = LOWER) ->
     return ~ok.all(dim=1), torch.isnan(image).any(dim=1), torch.isinf(image).any(dim=1)
 
 
-def layer_names(flow: SRFlowFamily) -> dict[int, str]:
+def layer_names(flow) -> dict[int, str]:
     """Creates human-readable names of a flow's layers, keyed by the reference layer index.
 
     Names: ``"level 2 squeeze"``, ``"level 2 pre-step 1"`` (a step without coupling), ``"level 2 step 3 coupling"``
-    (the third coupling step of level 2, 1-based), ``"level 1 split"``.
+    (the third coupling step of level 2, 1-based), ``"level 1 split"``. Levels are the trace levels (resolution
+    ``HR / 2**level``): SRFlow's own levels, HCFlow's 0-based levels plus one. HCFlow's conditional-flow steps are
+    stages of their level's split (:func:`trace_sampling`), not layers.
     """
-    fu = flow.flowUpsamplerNet
+    plan = _plan(flow)
     names, pre, cpl = {}, {}, {}
-    for i, (layer, level) in enumerate(zip(fu.layers, fu.level_of)):
-        if isinstance(layer, Squeeze):
-            names[i] = f"level {level} squeeze"
-        elif isinstance(layer, Split2d):
-            names[i] = f"level {level} split"
-        elif isinstance(layer, FlowStep) and layer.coupling is not None:
+    for i, (layer, level) in enumerate(zip(plan.layers, plan.level_of)):
+        kind = _kind(layer)
+        if kind == "coupling":
             cpl[level] = cpl.get(level, 0) + 1
             names[i] = f"level {level} step {cpl[level]} coupling"
-        else:
+        elif kind == "step":
             pre[level] = pre.get(level, 0) + 1
             names[i] = f"level {level} pre-step {pre[level]}"
+        else:
+            names[i] = f"level {level} {kind}"
     return names
 
 
 def _kind(layer) -> str:
-    if isinstance(layer, Squeeze):
+    if isinstance(layer, (Squeeze, _Squeeze)):
         return "squeeze"
-    if isinstance(layer, Split2d):
+    if isinstance(layer, (Split2d, _Split)):
         return "split"
-    if isinstance(layer, FlowStep) and layer.coupling is not None:
+    if isinstance(layer, (FlowStep, HCFlowStep)) and layer.coupling is not None:
         return "coupling"
     return "step"
 
@@ -163,15 +175,16 @@ class LayerRecord:
     """What one layer did during sampling (a small, fixed-size record: maps at the layer's own resolution).
 
     Attributes:
-        index: reference layer index (``flowUpsamplerNet.layers[index]``).
+        index: reference layer index (``flowUpsamplerNet.layers[index]``; HCFlow: ``flow.flow.layers[index]``).
         name: human-readable name (:func:`layer_names`).
         kind: "squeeze", "step" (no coupling), "coupling" or "split".
-        level: flow level (resolution HR / 2**level; a squeeze's output is at level - 1).
+        level: trace level (resolution HR / 2**level; a squeeze's output is at level - 1).
         act_max: max |activation| of the layer's output, NaN counted as +inf, (N,).
         growth: max per-position activation growth factor, NaN counted as +inf, (N,).
         act_max_map: max over channels of |output|, (N, H_out, W_out), or None.
         growth_map: per-position growth factor, (N, H_out, W_out), or None.
-        stages: coupling sub-transforms in the order they ran (sampling order), name -> :class:`StageRecord`.
+        stages: coupling sub-transforms in the order they ran (sampling order), name -> :class:`StageRecord`; for an
+            HCFlow split, the couplings of its conditional flow (``"condFlow step k coupling"``).
     """
 
     index: int
@@ -326,6 +339,103 @@ class TraceResult:
         return out
 
 
+class _Plan:
+    """What the recorder needs to know about one flow family's sampling pass.
+
+    ``layers``/``level_of``: the main flow's layers in reference order and their trace levels (resolution
+    ``HR / 2**level``); ``net``: the module owning them (the key of the constant-term cache).
+    """
+
+    def __init__(self, net, level_of: list):
+        self.net, self.layers, self.level_of = net, net.layers, list(level_of)
+
+    def top(self, lr: Tensor, latents: list) -> Tensor:
+        """The tensor the reverse pass starts from, (N, C, h, w)."""
+        raise NotImplementedError
+
+    def stage(self, key, stage: str) -> tuple[int, str]:
+        """``(trace level, stage name)`` of a coupling sub-transform reported through ``tracer_factory(key)``."""
+        return self.level_of[key], stage
+
+    def split_logs(self, layer, z: Tensor) -> Optional[Tensor]:
+        """Per-position log-scale sum of a split prior, from the layer callback's output (None if not a split)."""
+        return None
+
+    def decode(self, flow, lr: Tensor, heat: float, latents: list, std, rec: "_Recorder") -> tuple[Tensor, Tensor]:
+        """Runs ``flow.decode_with_ladj`` with the recorder's hooks; returns ``(x, ladj)``."""
+        return flow.decode_with_ladj(lr, heat, None, latents, std, tracer_factory=rec.tracer_factory,
+                                     layer_callback=rec.layer_callback)
+
+    def constant_steps(self):
+        """``(trace level, step)`` of every step whose ActNorm and 1x1 conv act on the sampling path."""
+        raise NotImplementedError
+
+
+class _SRFlowPlan(_Plan):
+    """SRFlow family (and LLFlow): ``flowUpsamplerNet``; starts from the top latent; Split2d priors on the kept half."""
+
+    def __init__(self, flow: SRFlowFamily):
+        fu = flow.flowUpsamplerNet
+        super().__init__(fu, fu.level_of)
+
+    def top(self, lr, latents):
+        return latents[-1]
+
+    def split_logs(self, layer, z):
+        if not isinstance(layer, Split2d):
+            return None
+        # the prior's log-scale of the sampled half (same conv on the same input as the decode just ran)
+        return layer.prior(z[:, :layer.keep])[1].sum(dim=1)
+
+    def constant_steps(self):
+        return [(lv, layer) for layer, lv in zip(self.layers, self.level_of) if isinstance(layer, FlowStep)]
+
+
+class _HCFlowPlan(_Plan):
+    """HCFlow: main flow ``flow.flow``; trace level = HCFlow level + 1; starts from the LR image. Each split's
+    conditional flow (prior ``a_l = mean + exp(logs) eps_l``, then its coupling steps reversed) is part of the split:
+    its couplings are stages of the split's record (``"condFlow step k coupling"``, k 1-based) and its prior's
+    ``logs`` are taken after the pass from the features the decode returns (one 1x1 conv per level)."""
+
+    def __init__(self, flow: HCFlow):
+        net = flow.flow
+        super().__init__(net, [lv + 1 for lv in net.level_of])
+        self.cond = {}
+        for lv in range(flow.config.L):
+            for k in range(len(net.cond_flow(lv).additional_flow_steps)):
+                self.cond[f"level{lv}_condFlow.additional_flow_steps.{k}"] = (lv + 1, f"condFlow step {k + 1} coupling")
+
+    def top(self, lr, latents):
+        return lr
+
+    def stage(self, key, stage):
+        if isinstance(key, str):
+            level, name = self.cond[key]
+            return level, name if stage == "self" else f"{name}/{stage}"
+        return self.level_of[key], stage
+
+    def decode(self, flow, lr, heat, latents, std, rec):
+        x, ladj, feats = flow.decode_with_ladj(lr, heat, None, latents, std, tracer_factory=rec.tracer_factory,
+                                               layer_callback=rec.layer_callback, return_features=True)
+        for lv in sorted(feats, reverse=True):                         # sampling order: coarsest first
+            rec.add_split_logs(lv + 1, self.net.cond_flow(lv).prior(feats[lv])[1].sum(dim=1))
+        return x, ladj
+
+    def constant_steps(self):
+        out = [(lv, layer) for layer, lv in zip(self.layers, self.level_of) if isinstance(layer, HCFlowStep)]
+        for lv in sorted(set(self.level_of), reverse=True):
+            out += [(lv, step) for step in self.net.cond_flow(lv - 1).additional_flow_steps]
+        return out
+
+
+def _plan(flow) -> _Plan:
+    if isinstance(flow, HCFlow):
+        return _HCFlowPlan(flow)
+    if isinstance(flow, SRFlowFamily) or hasattr(flow, "flowUpsamplerNet"):
+        return _SRFlowPlan(flow)
+    raise TypeError(f"trace_sampling supports SRFlow-family flows and HCFlow, got {type(flow).__name__}")
+
+
 class _Recorder:
     """Hooks for ``decode_with_ladj``: per-stage and per-layer reductions, all on the device.
 
@@ -334,9 +444,9 @@ class _Recorder:
     the layers of one resolution. Without it, everything is folded into running maps inside the loop.
     """
 
-    def __init__(self, flow: SRFlowFamily, z_top: Tensor, growth_threshold: float, growth_floor: float,
+    def __init__(self, flow, plan: _Plan, z_top: Tensor, growth_threshold: float, growth_floor: float,
                  keep_layer_maps: bool):
-        self.fu = flow.flowUpsamplerNet
+        self.plan = plan
         self.names = layer_names(flow)
         self.threshold = float(growth_threshold)
         self.floor = float(growth_floor)
@@ -360,11 +470,20 @@ class _Recorder:
             cur = self.level_slope.get(level)
             self.level_slope[level] = slope_map if cur is None else torch.maximum(cur, slope_map)
 
-    def tracer_factory(self, index: int):
-        level = self.fu.level_of[index]
-        stages = self.stages = {}
+    def add_split_logs(self, level: int, logs: Tensor) -> None:
+        """Adds a split prior's per-position log-scale sum (N, H_l, W_l) to the level's inverse log-Jacobian."""
+        if self.keep:
+            self.split_logs.append((level, logs))
+        else:
+            self._accumulate(level, logs, None)
+
+    def tracer_factory(self, key):
+        """A tracer for the coupling reported under ``key``; its stages belong to the next layer callback."""
+        stages = self.stages
+        plan = self.plan
 
         def tracer(stage: str, ladj: Tensor) -> None:
+            level, stage = plan.stage(key, stage)
             mx = torch.amax(ladj, dim=1)          # (N, H_l, W_l)
             sm = ladj.sum(dim=1)
             if self.keep:
@@ -377,16 +496,11 @@ class _Recorder:
 
     def layer_callback(self, index: int, layer, z: Tensor) -> None:
         a = _absmax(z)                                                         # (N, H_out, W_out)
-        level = self.fu.level_of[index]
-        if isinstance(layer, Split2d):
-            # the prior's log-scale of the sampled half (same conv on the same input as the decode just ran)
-            logs = layer.prior(z[:, :layer.keep])[1].sum(dim=1)
-            if self.keep:
-                self.split_logs.append((level, logs))
-            else:
-                self._accumulate(level, logs, None)
-        stages = self.stages if isinstance(layer, FlowStep) else {}
-        self.stages = {}
+        level = self.plan.level_of[index]
+        logs = self.plan.split_logs(layer, z)
+        if logs is not None:
+            self.add_split_logs(level, logs)
+        stages, self.stages = self.stages, {}
         if self.keep:
             self.records.append(LayerRecord(index, self.names[index], _kind(layer), level, None, None, a, None,
                                             stages))
@@ -469,35 +583,39 @@ class _Recorder:
     def constant_terms(self) -> dict[int, Tensor]:
         """Per level, the position-independent inverse log-det of the ActNorms and 1x1 convs (a 0-dim tensor).
 
-        One batched ``slogdet`` per level (the 1x1 convs of a level share their size), cached per flow until one of
-        those parameters changes (storage, dtype or in-place version)."""
+        Grouped per level and 1x1 size (SRFlow: one size per level; HCFlow: the main steps' and the conditional
+        flow's), cached per flow until one of those parameters changes (storage, dtype or in-place
+        version)."""
         logs: dict[int, list] = {}
-        weights: dict[int, list] = {}
-        for layer, level in zip(self.fu.layers, self.fu.level_of):
-            if isinstance(layer, FlowStep):
-                logs.setdefault(level, []).append(layer.actnorm.logs)
-                if isinstance(layer.invconv, InvConv1x1):
-                    weights.setdefault(level, []).append(layer.invconv.weight)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for ps in (*logs.values(), *weights.values())
-                    for p in ps)
-        hit = _CONSTANTS.get(self.fu)
+        weights: dict[int, dict] = {}                  # level -> 1x1 size -> weights
+        for level, step in self.plan.constant_steps():
+            logs.setdefault(level, []).append(step.actnorm.logs)
+            if isinstance(step.invconv, InvConv1x1):
+                weights.setdefault(level, {}).setdefault(step.invconv.weight.shape[0], []).append(step.invconv.weight)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for ps in (*logs.values(), *(
+            w for ws in weights.values() for w in ws.values())) for p in ps)
+        net = self.plan.net
+        hit = _CONSTANTS.get(net)
         if hit is not None and hit[0] == key:
             return hit[1]
         out: dict[int, Tensor] = {}
         for level, parts in logs.items():
             c = -torch.cat([p.reshape(-1) for p in parts]).sum()
-            if level in weights:
-                c = c - torch.linalg.slogdet(torch.stack(weights[level]))[1].sum()
+            for ws in weights.get(level, {}).values():
+                # one matrix at a time: torch 2.13's CPU build (MKL) hangs in *batched* LU of 192 x 192 matrices
+                # once torch.set_num_threads has changed the thread count; the result is cached, so this is cheap
+                c = c - torch.stack([torch.linalg.slogdet(w)[1] for w in ws]).sum()
             out[level] = c
-        _CONSTANTS[self.fu] = (key, out)
+        _CONSTANTS[net] = (key, out)
         return out
 
 
-#: flowUpsamplerNet -> (parameter key, constant terms per level); entries die with their flow.
+#: the net owning the layers (flowUpsamplerNet, HCFlowNet) -> (parameter key, constant terms per level); entries
+#: die with their flow.
 _CONSTANTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def draw_sample_latents(flow: SRFlowFamily, lr: Tensor, heat: float, n_samples: int,
+def draw_sample_latents(flow: "SRFlowFamily | HCFlow", lr: Tensor, heat: float, n_samples: int,
                         generator: Optional[torch.Generator]) -> list[Tensor]:
     """Draws latents for ``n_samples`` samples of every LR image, sample-major (row ``s * B + b``).
 
@@ -505,14 +623,15 @@ def draw_sample_latents(flow: SRFlowFamily, lr: Tensor, heat: float, n_samples: 
     generator)`` calls gives, so ``n_samples=1`` reproduces ``flow.decode(lr, heat, generator)``.
 
     Returns:
-        ``[eps_split_1, ..., z_top]``, each (n_samples * B, C_k, H_k, W_k), on ``lr``'s device and dtype.
+        The flow's latent list (SRFlow family ``[eps_split_1, ..., z_top]``; HCFlow ``[eps_0, ..., eps_{L-1}]``, finest
+        first), each (n_samples * B, C_k, H_k, W_k), on ``lr``'s device and dtype.
     """
     draws = [flow.draw_latents(lr, heat, generator) for _ in range(n_samples)]
     return [torch.cat(parts, dim=0) for parts in zip(*draws)] if n_samples > 1 else draws[0]
 
 
 @torch.no_grad()
-def trace_sampling(flow: SRFlowFamily, lr: Tensor, heat: Optional[float] = None, n_samples: int = 1,
+def trace_sampling(flow: "SRFlowFamily | HCFlow", lr: Tensor, heat: Optional[float] = None, n_samples: int = 1,
                    generator: Optional[torch.Generator] = None, *, latents: Optional[list] = None,
                    std: Optional[Tensor] = None, upper: float = UPPER, lower: float = LOWER,
                    growth_threshold: float = GROWTH_THRESHOLD, growth_floor: float = GROWTH_FLOOR,
@@ -523,14 +642,15 @@ def trace_sampling(flow: SRFlowFamily, lr: Tensor, heat: Optional[float] = None,
     ``n_samples=1`` bitwise ``flow.sample(lr, heat, generator)``.
 
     Arguments:
-        flow: an SRFlow-family flow (any coupling, any family), on the device and dtype of ``lr``.
+        flow: an SRFlow-family flow (any coupling, any family) or an HCFlow, on the device and dtype of ``lr``.
         lr: LR images y, (B, 3, h, w) in [0, 1].
         heat: latent std (default ``flow.config.heat``); ignored when ``latents`` are given.
         n_samples: samples per LR image; rows are sample-major (``s * B + b``).
         generator: the only source of randomness (latents are drawn on its device, then moved: CPU and CUDA agree).
-        latents: explicit ``[eps_split_1, ..., z_top]`` for all ``N = n_samples * B`` rows (then ``generator`` and
-            ``heat`` are unused).
-        std: NCSR std map, (B, 1 or 3, h', w') or None.
+        latents: explicit latents for all ``N = n_samples * B`` rows, in the flow's order (SRFlow family
+            ``[eps_split_1, ..., z_top]``, HCFlow ``[eps_0, ..., eps_{L-1}]``); then ``generator`` and ``heat`` are
+            unused.
+        std: NCSR std map, (B, 1 or 3, h', w') or None (HCFlow ignores it).
         upper, lower: artifact thresholds of the reference criterion.
         growth_threshold: per-position activation growth factor (dimensionless) above which a layer explodes.
         growth_floor: activation magnitude below which the growth denominator is clamped (activation units).
@@ -562,10 +682,10 @@ def trace_sampling(flow: SRFlowFamily, lr: Tensor, heat: Optional[float] = None,
     else:
         latents = list(latents)
         flow._check_latents(lr_rep, latents)
-    rec = _Recorder(flow, latents[-1], growth_threshold, growth_floor, keep_layer_maps)
-    x, ladj = flow.decode_with_ladj(lr_rep, heat, None, latents, std, tracer_factory=rec.tracer_factory,
-                                    layer_callback=rec.layer_callback)
-    image = x + flow.upsample(lr_rep) if flow.config.residual else x
+    plan = _plan(flow)
+    rec = _Recorder(flow, plan, plan.top(lr_rep, latents), growth_threshold, growth_floor, keep_layer_maps)
+    x, ladj = plan.decode(flow, lr_rep, heat, latents, std, rec)
+    image = x + flow.upsample(lr_rep) if getattr(flow.config, "residual", False) else x
     attribution = rec.finish()
     # -- the end of the pass: assemble the HR maps (still on the device) --------------------------------------------
     art, nan, inf = artifact_masks(image, upper, lower)
@@ -595,7 +715,7 @@ def trace_sampling(flow: SRFlowFamily, lr: Tensor, heat: Optional[float] = None,
                       bound=_coupling_bound(flow)))
 
 
-def _coupling_bound(flow: SRFlowFamily) -> dict:
+def _coupling_bound(flow: "SRFlowFamily | HCFlow") -> dict:
     """The first coupling's ``inverse_slope_bound()`` (every coupling of a flow shares it), or {}."""
     steps = flow.coupling_steps()
     return steps[0][2].coupling.inverse_slope_bound() if steps else {}

@@ -300,7 +300,7 @@ class HCFlow(nn.Module):
     h, w]``, HR ``[B, 3, s h, s w]`` (s = 4 or 8). Latents are the standardised split-off parts, finest level first:
     ``[eps_0 [B, C_0 - keep_0, sh/2, sw/2], ..., eps_{L-1} [B, 4 keep_{L-2} - 3, h, w]]`` (4X: 6 and 21 channels).
     ``std`` arguments are accepted and ignored. Not defined: a residual output (``upsample`` is only the bicubic
-    helper), per-layer tracing through the SRFlow-only ``rd.detect`` layer names.
+    helper). ``rd.detect.trace_sampling`` traces it (trace level = level + 1; conditional flows as split stages).
     """
 
     def __init__(self, config: HCFlowConfig):

@@ -1,21 +1,17 @@
 """`sample` on a folder (rows, maps, bad files, resume, determinism) and `correlate` on score + sample folders."""
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from robustness_diag.cli.main import main
 from robustness_diag.data import degradations as deg
 from robustness_diag.data.photos import TRAIN_PHOTOS, VALIDATION_PHOTOS, downscale, load_photo, random_crops
-
-
-def _save(t, path):
-    Image.fromarray((t.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(path)
+from tests.cli.helpers import read_rows as _rows
+from tests.cli.helpers import save_png as _save
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +33,6 @@ def folders(tmp_path_factory):
     _save(lr[0][:, :13, :11], lr_dir / "odd.png")                   # odd LR size: padded and cropped back
     (lr_dir / "broken.png").write_text("not an image")
     return root
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_sample_writes_rows_maps_and_reports_bad_files(folders):

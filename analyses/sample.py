@@ -43,7 +43,7 @@ class SampleConfig:
     out_dir: str
     inputs: InputOptions = field(default_factory=InputOptions)
     samples: int = 4
-    heat: float = 0.9
+    heat: Optional[float] = None
     seed: int = 0
     upper: float = 1.5
     lower: float = -0.5
@@ -117,6 +117,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
         return SampleResult(exit_code=EXIT_USAGE, error=str(e))
     timing["load_seconds"] = round(time.time() - t0, 3)
     scale = int(flow.config.scale)
+    heat = float(cfg.heat if cfg.heat is not None else flow.config.heat)
     align = max(1, 2 ** int(flow.config.L) // scale)
     detail_path = out_dir / "sample_rows.csv"
     if cfg.resume:
@@ -136,7 +137,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
         lr_p, _ = pad_to_multiple(lr.to(device), align)
         t = time.perf_counter()
         g = torch.Generator(device="cpu").manual_seed(image_seed(cfg.seed, item.key))
-        tr = trace_sampling(flow, lr_p, cfg.heat, cfg.samples, g, upper=cfg.upper, lower=cfg.lower,
+        tr = trace_sampling(flow, lr_p, heat, cfg.samples, g, upper=cfg.upper, lower=cfg.lower,
                             keep_layer_maps=False, return_image=cfg.save_samples).cpu()
         timing["sample_seconds"] += time.perf_counter() - t
         mask = tr.artifact_mask[:, :h * scale, :w * scale]
@@ -186,7 +187,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
         slopes = [r["max_log_inverse_slope"] for r in rows if r["max_log_inverse_slope"] == r["max_log_inverse_slope"]]
         first = [r["first_exploding_layer_name"] for r in rows if r["first_exploding_layer"] >= 0]
         return {"width": decoded.width, "height": decoded.height, "lr_width": int(w), "lr_height": int(h),
-                "samples": cfg.samples, "heat": cfg.heat,
+                "samples": cfg.samples, "heat": heat,
                 "samples_with_artifacts": sum(1 for r in rows if r["artifact_pixels"] > 0),
                 "artifact_fraction_mean": float(mask.float().mean()), "nan_pixels": int(nan.sum()),
                 "max_inverse_slope": float(np.exp(max(slopes))) if slopes else float("nan"),
@@ -199,7 +200,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
     def extra():
         return {"checkpoint": {"path": str(cfg.checkpoint), "weights_digest": digest, "scale": scale,
                                "family": flow.config.family, "coupling": flow.config.coupling},
-                "sampling": {"samples": cfg.samples, "heat": cfg.heat, "seed": cfg.seed, "from_hr": inp.from_hr,
+                "sampling": {"samples": cfg.samples, "heat": heat, "seed": cfg.seed, "from_hr": inp.from_hr,
                              "thresholds": [cfg.lower, cfg.upper], "device": str(device)},
                 "phase_timing": {k: round(v, 3) for k, v in timing.items()}}
 

@@ -35,7 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--budget", choices=("fast", "standard", "thorough"), default="fast",
                    help="crops, samples, severities and attack steps (default fast: minutes on a laptop CPU)")
     p.add_argument("--out", default="runs/audit", help="report folder (default runs/audit)")
-    p.add_argument("--heat", type=float, default=0.9, help="sampling temperature (default 0.9)")
+    p.add_argument("--heat", type=float, default=None,
+                   help="sampling temperature (default: the checkpoint's own: 0.9 for the bundled and SRFlow flows, "
+                        "0 for LLFlow, whose reference output is deterministic)")
     p.add_argument("--false-alarm", type=float, default=0.05,
                    help="false-alarm rate for the recommended OOD-score gate (default 0.05)")
     p.add_argument("--seed", type=int, default=0)

@@ -85,12 +85,19 @@ def format_report(r: dict) -> str:
         return f"{r['path']}\n  ERROR ({r['error_type']}): {r['error']}\n"
     src = r["sources"]
     tag = lambda k: f" [{src[k]}]" if src.get(k) not in (None, "inferred", "metadata") else ""  # noqa: E731
+    if r["family"] == "hcflow":
+        plan = (f"   conditional-flow steps per level {r['n_cond_steps']}   splits after levels "
+                f"{r['split_after_levels']}")
+        cond = f"  conditioner per-level RRDB trunks nf={r['nf']}, blocks {r['rrdb_nb']} (trunk0, trunk1)"
+    else:
+        plan = (f"   extra no-coupling steps {r['n_additional_per_level']}   splits after levels "
+                f"{r['split_after_levels']}")
+        cond = f"  conditioner RRDB nf={r['nf']} nb={r['nb']}, stacked blocks {r['stacked_blocks']}{tag('blocks')}"
     lines = [
         f"{r['path']}",
         f"  family      {r['family']}  ({r['variant']})",
-        f"  coupling    {r['coupling']}   scale {r['scale']}X   L={r['L']}   K per level {r['K_per_level']}"
-        f"   extra no-coupling steps {r['n_additional_per_level']}   splits after levels {r['split_after_levels']}",
-        f"  conditioner RRDB nf={r['nf']} nb={r['nb']}, stacked blocks {r['stacked_blocks']}{tag('blocks')}",
+        f"  coupling    {r['coupling']}   scale {r['scale']}X   L={r['L']}   K per level {r['K_per_level']}" + plan,
+        cond,
         f"  parameters  {r['parameters']:,} in {r['tensors']} tensors ({r['format']})",
         f"  settings    eps={r['eps']:g}{tag('eps')}  heat={r['default_heat']:g}{tag('heat')}  "
         f"residual output={r['residual_output']}{tag('residual')}"

@@ -39,7 +39,9 @@ def add_parser(sub) -> None:
     g.add_argument("--exif-orientation", action="store_true", help="apply EXIF orientation")
     s = p.add_argument_group("sampling")
     s.add_argument("--samples", type=int, default=4, metavar="N", help="samples per image (default 4)")
-    s.add_argument("--heat", type=float, default=0.9, help="latent std (default 0.9)")
+    s.add_argument("--heat", type=float, default=None,
+                   help="latent std (default: the checkpoint's own: 0.9 for the bundled and SRFlow flows, 0 for "
+                        "LLFlow, whose reference output is deterministic)")
     s.add_argument("--seed", type=int, default=0, help="base seed; each image's seed also depends on its file key")
     s.add_argument("--upper", type=float, default=1.5, help="artifact threshold above (default 1.5)")
     s.add_argument("--lower", type=float, default=-0.5, help="artifact threshold below (default -0.5)")

@@ -64,3 +64,27 @@ def lowlight_condition(x: Tensor) -> Tensor:
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"low-light input must be RGB [B, 3, H, W] in [0, 1], got shape {tuple(x.shape)}")
     return torch.cat([log_input(x), equalize_hist(x)], dim=1)
+
+
+#: Defaults of :func:`darken`: a linear gain after a gamma curve (mean brightness of the photos drops ~10x).
+DARKEN_GAIN = 0.3
+DARKEN_GAMMA = 2.0
+
+
+def darken(x: Tensor, gain: float = DARKEN_GAIN, gamma: float = DARKEN_GAMMA) -> Tensor:
+    """Synthetic low-light image from a normal-light one: ``round(255 * gain * x**gamma) / 255``.
+
+    The gamma curve crushes shadows more than highlights and the gain lowers the exposure, the usual recipe for
+    synthetic low-light pairs (the LOL data are real captures; this stands in for them where no dark photos exist).
+    Quantised to 8 bits like a saved file.
+
+    Arguments:
+        x: ``[..., 3, H, W]`` in [0, 1].
+        gain: exposure gain in (0, 1]; gamma: exponent >= 1.
+
+    Returns:
+        A tensor of ``x``'s shape, dtype and device in ``[0, gain]``.
+    """
+    if not 0 < gain <= 1 or gamma < 1:
+        raise ValueError(f"darken needs 0 < gain <= 1 and gamma >= 1, got gain={gain}, gamma={gamma}")
+    return torch.round(gain * x.clamp(0, 1) ** gamma * 255.0) / 255.0

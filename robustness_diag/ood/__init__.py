@@ -18,7 +18,8 @@ from .gaussian import (SHRINKAGE_METHODS, GaussianAccumulator, ledoit_wolf_shrin
 from .scorer import (FORMAT, FORMAT_VERSION, LevelStats, MahalanobisScorer, chi_quantile, mahalanobis_distance, triangular_blocks,
                      mahalanobis_distance_cf)
 from .features import (AGGREGATES, DEFAULT_LEVEL, FeatureExtractor, FeatureOptions, accumulate, aggregate,
-                       available_levels, conditioner_features, default_level, extractor_for, fit_flow, level_ratio,
+                       available_levels, conditioner_features, default_level, extractor_for, feature_channels, feature_levels,
+                       fit_flow, level_ratio,
                        lr_alignment, make_accumulators, parse_channels, receptive_field, resolve_levels, score_maps,
                        upsample_map)
 
@@ -28,6 +29,6 @@ __all__ = [
     "whitening_factor", "FORMAT", "FORMAT_VERSION", "LevelStats", "MahalanobisScorer", "chi_quantile",
     "mahalanobis_distance", "mahalanobis_distance_cf", "triangular_blocks", "AGGREGATES", "DEFAULT_LEVEL", "FeatureExtractor",
     "FeatureOptions", "accumulate", "aggregate", "available_levels", "conditioner_features", "default_level",
-    "extractor_for", "fit_flow", "level_ratio", "lr_alignment", "make_accumulators", "parse_channels",
+    "extractor_for", "feature_channels", "feature_levels", "fit_flow", "level_ratio", "lr_alignment", "make_accumulators", "parse_channels",
     "receptive_field", "resolve_levels", "score_maps", "upsample_map",
 ]

@@ -29,24 +29,60 @@ from .scorer import MahalanobisScorer
 DEFAULT_LEVEL = "fea_up1"
 MAX_AUTO_MARGIN = 96
 DEFAULT_TILE = 256
+#: Channels of HCFlow's conditional-flow features ``cat(f1, f2)`` per ``nf``.
+_HCFLOW_FEATURE_WIDTH = 2
 
 
-def level_ratio(level: str) -> float:
-    """Resolution of a level relative to the LR input: ``fea_up{k}`` -> ``k`` (``k >= 1``), ``fea_up0`` -> 0.5."""
+def _parse_ratio(level: str) -> float:
     if not level.startswith("fea_up"):
         raise ValueError(f"unknown feature level {level!r} (expected fea_up0, fea_up1, fea_up2, ...)")
     k = int(level[len("fea_up"):])
     return 0.5 if k == 0 else float(k)
 
 
+def feature_levels(flow) -> dict[str, float]:
+    """The flow's conditioning feature levels, finest first: ``{name: resolution / input resolution}``.
+
+    * SRFlow family (scale ``s``, levels ``l = 1..L``): ``flow.level_names[l]`` at ratio ``s / 2**l`` (4X:
+      ``fea_up2`` 2, ``fea_up1`` 1, ``fea_up0`` 0.5);
+    * LLFlow (scale 1): the same rule gives ``fea_up2`` 1/2, ``fea_up1`` 1/4, ``fea_up0`` 1/8 of the dark image;
+    * HCFlow (levels ``l = 0..L-1``): ``level{l}_condFlow`` at ratio ``s / 2**(l+1)`` (4X: level0 2, level1 1).
+    """
+    c = flow.config
+    if getattr(c, "family", None) == "hcflow":
+        return {f"level{lv}_condFlow": c.scale / 2 ** (lv + 1) for lv in range(c.L)}
+    return {flow.level_names[lv]: c.scale / 2 ** lv for lv in range(1, c.L + 1)}
+
+
+def feature_channels(flow) -> int:
+    """Channels of every feature level (SRFlow family: ``cond_channels``; HCFlow: ``2 nf`` = 128)."""
+    c = flow.config
+    if getattr(c, "family", None) == "hcflow":
+        return _HCFLOW_FEATURE_WIDTH * int(c.nf)
+    return int(c.cond_channels)
+
+
+def level_ratio(level: str, flow=None) -> float:
+    """Resolution of a level relative to the flow's input image. With ``flow``: from :func:`feature_levels`;
+    without: the SR naming rule (``fea_up{k}`` -> ``k`` for ``k >= 1``, ``fea_up0`` -> 0.5)."""
+    if flow is None:
+        return _parse_ratio(level)
+    levels = feature_levels(flow)
+    if level not in levels:
+        raise ValueError(f"feature level {level!r} is not used by this flow; choose from {', '.join(levels)}")
+    return levels[level]
+
+
 def available_levels(flow) -> list[str]:
-    """Feature levels the flow's couplings use, finest first (4X: ``fea_up2``, ``fea_up1``, ``fea_up0``)."""
-    return [flow.level_names[lv] for lv in range(1, flow.config.L + 1)]
+    """Feature levels the flow's couplings use, finest first (4X SR: ``fea_up2``, ``fea_up1``, ``fea_up0``)."""
+    return list(feature_levels(flow))
 
 
 def default_level(flow) -> str:
-    """The level at LR resolution (``fea_up1``)."""
-    return DEFAULT_LEVEL
+    """The level closest to the input resolution (finer on ties): ``fea_up1`` (LR) for SR flows, ``fea_up2``
+    (half resolution) for LLFlow, ``level{L-1}_condFlow`` (LR) for HCFlow."""
+    levels = feature_levels(flow)
+    return min(levels, key=lambda k: (abs(math.log2(levels[k])), -levels[k]))
 
 
 def resolve_levels(flow, levels: Optional[Sequence[str]]) -> list[str]:
@@ -57,8 +93,8 @@ def resolve_levels(flow, levels: Optional[Sequence[str]]) -> list[str]:
     out = []
     for lv in levels:
         if lv not in avail:
-            raise ValueError(f"feature level {lv!r} is not used by this {flow.config.scale}X flow; "
-                             f"choose from {', '.join(avail)}")
+            raise ValueError(f"feature level {lv!r} is not used by this {flow.config.scale}X "
+                             f"{getattr(flow.config, 'family', '')} flow; choose from {', '.join(avail)}")
         if lv not in out:
             out.append(lv)
     return out
@@ -95,12 +131,12 @@ def parse_channels(spec, n_channels: int) -> Optional[list[int]]:
 
 
 def lr_alignment(flow, levels: Sequence[str]) -> int:
-    """LR sizes and tile offsets must be multiples of this: the flow's divisibility (``2**L / gcd(2**L, scale)``),
-    and 2 more if a level is below LR resolution."""
+    """Input sizes and tile offsets must be multiples of this: the flow's divisibility (``2**L / gcd(2**L, scale)``),
+    and ``1/r`` for a level of ratio ``r < 1``."""
     m = 2 ** flow.config.L
     need = m // math.gcd(m, flow.config.scale)
     for lv in levels:
-        r = level_ratio(lv)
+        r = level_ratio(lv, flow)
         if r < 1:
             k = int(round(1 / r))
             need = need * k // math.gcd(need, k)
@@ -108,26 +144,49 @@ def lr_alignment(flow, levels: Sequence[str]) -> int:
 
 
 def receptive_field(flow, levels: Sequence[str]) -> int:
-    """Theoretical receptive-field radius in LR pixels of the conditioner features at ``levels``.
+    """Receptive-field radius in input pixels of the conditioner features at ``levels`` (counted 3x3 convs).
 
-    RRDB: ``conv_first`` + ``nb`` blocks of 3 dense blocks of 5 3x3 convs + ``trunk_conv`` = ``2 + 15 nb``; each
-    upsampling conv adds at most one LR pixel; the half-resolution level's 2x2 averaging adds one.
+    * SR RRDB: ``conv_first`` + ``nb`` blocks of 3 dense blocks of 5 3x3 convs + ``trunk_conv`` = ``2 + 15 nb``;
+      each upsampling conv adds at most one LR pixel; the half-resolution level's 2x2 averaging adds one.
+    * LLFlow: colour-map gradient, two full-resolution convs and the 2x2 max-pool (4), the trunk at half resolution
+      (``2 (15 nb + 1)``), then 6 for ``fea_up1`` (bilinear 1/2 + conv at 1/4) and 12 more for ``fea_up0``.
+    * HCFlow: ``2 + 15 (nb0 + nb1)`` at LR for the coarsest level; a finer level adds its own trunk and the
+      coarser level's main and conditional coupling steps (two 3x3 convs each), converted to LR pixels.
     """
-    nb = int(flow.config.nb)
+    c = flow.config
+    family = getattr(c, "family", None)
+    ratios = [level_ratio(lv, flow) for lv in levels]
+    if family == "llflow":
+        deepest = min(ratios)
+        return 4 + 2 * (15 * int(c.nb) + 1) + (6 if deepest <= 0.25 else 0) + (12 if deepest <= 0.125 else 0)
+    if family == "hcflow":
+        trunk = 2 + 15 * sum(int(b) for b in c.rrdb_nb)
+        rf, coarsest = trunk, c.L - 1
+        finest = min(int(lv[len("level"):lv.index("_")]) for lv in levels)
+        for lv in range(coarsest - 1, finest - 1, -1):
+            r_prev, r = c.scale / 2 ** (lv + 2), c.scale / 2 ** (lv + 1)
+            rf += math.ceil(2 * (c.K[lv + 1] + c.n_cond_steps[lv + 1]) / r_prev) + math.ceil(trunk / r)
+        return rf
     extra = 0
-    for lv in levels:
-        r = level_ratio(lv)
+    for r in ratios:
         extra = max(extra, 1 if r < 1 else int(round(math.log2(r))))
-    return 2 + 15 * nb + extra
+    return 2 + 15 * int(c.nb) + extra
 
 
 def conditioner_features(flow, lr: torch.Tensor, levels: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{level: [B, C, h*r, w*r]}`` for ``lr`` ``[B, 3, h, w]``; equals ``flow.features(lr)`` on those levels but
-    computes only what they need (no check of the LR size: pad first)."""
+    """``{level: [B, C, h*r, w*r]}`` for the input ``lr`` ``[B, 3, h, w]`` (LLFlow: also its 6-channel preprocessed
+    form); equals ``flow.features(lr)`` on those levels but computes only what they need (no check of the size: pad
+    first). LLFlow's preprocessing is global (histogram equalisation): tiled callers pass the preprocessed image."""
+    if lr.shape[1] == 3 and hasattr(flow, "condition_input"):
+        lr = flow.condition_input(lr)
+    c = flow.config
+    if getattr(c, "family", None) == "hcflow":
+        top = f"level{c.L - 1}_condFlow"
+        if list(levels) == [top]:      # the LR-resolution level needs only its own trunk, not a decode
+            return {top: flow.flow.cond_flow(c.L - 1).feature(lr)}
     rrdb = getattr(flow, "RRDB", None)
-    if rrdb is not None and hasattr(rrdb, "conditioning"):
-        return rrdb.conditioning(lr, tuple(levels))
-    feats = flow.features(lr)
+    feats = rrdb.conditioning(lr, tuple(levels)) if rrdb is not None and hasattr(rrdb, "conditioning") \
+        else flow.features(lr)
     return {k: feats[k] for k in levels}
 
 
@@ -164,10 +223,10 @@ class FeatureExtractor:
         self.flow = flow
         self.options = opts = options or FeatureOptions()
         self.levels = resolve_levels(flow, opts.levels)
-        self.n_channels = int(flow.config.cond_channels)
+        self.n_channels = feature_channels(flow)
         self.channels = parse_channels(opts.channels, self.n_channels)
         self.align = lr_alignment(flow, self.levels)
-        self.ratios = {lv: level_ratio(lv) for lv in self.levels}
+        self.ratios = {lv: level_ratio(lv, flow) for lv in self.levels}
         self.rf = receptive_field(flow, self.levels)
         self.margin = int(opts.margin) if opts.margin is not None else min(self.rf, MAX_AUTO_MARGIN)
         self.tile = max(int(opts.tile), self.align)
@@ -202,7 +261,10 @@ class FeatureExtractor:
             raise ValueError(f"expected one LR image [1, 3, h, w] or [3, h, w], got {tuple(lr.shape)}")
         p = next(self.flow.parameters())
         lr = lr.to(device=p.device, dtype=p.dtype)
-        return pad_to_multiple(lr, self.align, self.options.pad_mode)
+        x, size = pad_to_multiple(lr, self.align, self.options.pad_mode)
+        if hasattr(self.flow, "condition_input"):   # LLFlow: global preprocessing before tiling
+            x = self.flow.condition_input(x)
+        return x, size
 
     def _tiles(self, hp: int, wp: int):
         return plan_tiles(hp, wp, self.tile, self.margin, self.align)

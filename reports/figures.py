@@ -117,7 +117,8 @@ def roc_pr(runs: Mapping[str, dict], out_dir: Path) -> Figure:
     b.set(xlabel="recall", ylabel="precision", title="Precision-recall (dotted: prevalence)", ylim=(0, 1.02))
     for ax in (a, b):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right" if ax is a else "upper right")
+        if ax.get_legend_handles_labels()[0]:      # no curve when every model's metrics are undefined
+            ax.legend(fontsize=7, loc="lower right" if ax is a else "upper right")
     return Figure("roc_pr", "ROC and precision-recall, artifact = positive",
                   "Observations are (position, sample) pairs; intervals are 95% bootstrap over images. x on the ROC "
                   "marks FPR at 95% TPR. At low prevalence read the PR curve: ROC can look good while PR collapses.",

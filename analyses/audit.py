@@ -405,8 +405,11 @@ def audit_model(spec: str, cfg: AuditConfig, root: Path) -> tuple[dict, C.ModelR
     return summary, result
 
 
-def run(cfg: AuditConfig) -> dict:
-    """Audits every checkpoint (default: both bundled flows) and writes the report. Returns the summaries."""
+def run(cfg: AuditConfig, render=None) -> dict:
+    """Audits every checkpoint (default: both bundled flows) and writes ``audit.json``, the correlate statistics and
+    report data; ``render(out_dir) -> Path`` draws the figures and ``report.html`` (the CLI passes
+    :func:`robustness_diag.reports.correlate_report.rerender`). Returns the summaries and the report path (None
+    without ``render`` or when nothing could be audited)."""
     if cfg.budget not in BUDGETS:
         raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {cfg.budget!r}")
     torch.manual_seed(cfg.seed)
@@ -427,14 +430,14 @@ def run(cfg: AuditConfig) -> dict:
         results.append(r)
     _save_json(out / "audit.json", {"config": asdict(cfg), "budget": BUDGETS[cfg.budget], "models": summaries,
                                     "failures": failures})
-    if results:
-        write_report(out, cfg, summaries, results, failures)
+    report = write_report(out, cfg, summaries, results, failures, render) if results else None
     return {"out": str(out), "models": summaries, "failures": failures,
-            "report": str(out / "report.html") if results else None}
+            "report": None if report is None else str(report)}
 
 
-def write_report(out: Path, cfg: AuditConfig, summaries: list, results: list, failures: list) -> None:
-    """The correlate report of the stress-suite observations, plus verdicts, stress tables and warnings."""
+def write_report(out: Path, cfg: AuditConfig, summaries: list, results: list, failures: list, render=None):
+    """Report data of the stress-suite observations (the correlate statistics plus verdicts, stress tables and
+    warnings), then ``render(out)`` if given; returns what ``render`` returned (the report's path) or None."""
     budget = {**BUDGETS[cfg.budget], **cfg.overrides}
     ccfg = C.CorrelateConfig(out=str(out), n_resamples=budget["bootstrap"], false_alarm=cfg.false_alarm,
                              seed=cfg.seed, title="Checkpoint audit: " + ", ".join(s["name"] for s in summaries))
@@ -457,7 +460,7 @@ def write_report(out: Path, cfg: AuditConfig, summaries: list, results: list, fa
     _save_json(out / "report_data.json", data)
     _save_json(out / "audit.json", {"config": asdict(cfg), "budget": BUDGETS[cfg.budget], "models": summaries,
                                     "failures": failures})
-    C.rerender(out)
+    return render(out) if render is not None else None
 
 
 def _stress_tables(summaries: list) -> list:

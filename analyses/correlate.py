@@ -1,13 +1,14 @@
-"""Does the OOD score predict where the flow breaks? Statistics, figures and the HTML report for one or more models.
+"""Does the OOD score predict where the flow breaks? Statistics and report data for one or more models.
 
 The pipeline takes per-position observations (score, artifact events over samples, image id; see
 :mod:`.stats`) for each model, computes :func:`.stats.correlate`, and writes to ``out``:
 
 * ``metrics.json``: every statistic per model (with bootstrap intervals and "undefined" reasons);
-* one PNG + CSV sidecar per figure (reliability, ROC/PR, score histograms, per-image scatter, layer traces, examples);
-* ``report_data.json`` (+ ``examples.npz``): everything the figures are drawn from, so that
-  :func:`rerender` (``robustness-diag report OUT``) rebuilds the figures and the report without the models;
-* ``report.html``: one self-contained file.
+* ``report_data.json`` (+ ``examples.npz``): everything the figures are drawn from.
+
+The report layer (:mod:`robustness_diag.reports.correlate_report`, passed in as ``render``) draws one PNG + CSV
+sidecar per figure (reliability, ROC/PR, score histograms, per-image scatter, layer traces, examples) and the
+self-contained ``report.html`` from those files, so ``robustness-diag report OUT`` rebuilds them without the models.
 
 Sources of observations: :func:`toy_results` (the 2-D toy: one "image" per condition) and
 :func:`results_from_run_dirs` (the folders written by ``robustness-diag score`` and ``sample``).
@@ -18,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -237,16 +238,18 @@ def analyse(results: list[ModelResult], cfg: CorrelateConfig) -> dict:
     return metrics
 
 
-def run(results: list[ModelResult], cfg: CorrelateConfig) -> dict:
-    """Computes the statistics and writes metrics.json, figures + sidecars, report data and report.html."""
-    from robustness_diag.reports.figures import score_histogram_counts
+def run(results: list[ModelResult], cfg: CorrelateConfig, render: Optional[Callable] = None) -> dict:
+    """Computes the statistics and writes ``metrics.json``, ``report_data.json`` and ``examples.npz``.
 
+    ``render(out_dir) -> Path``: draws the figures and ``report.html`` from those files (the CLI passes
+    :func:`robustness_diag.reports.correlate_report.rerender`; analyses never import the report layer).
+    Returns ``{"out", "metrics", "report"}`` (``report`` None without ``render``)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = analyse(results, cfg)
     data = {"title": cfg.title, "config": {k: v for k, v in vars(cfg).items()},
             "metrics": metrics,
-            "histograms": {r.name: score_histogram_counts(r.obs.score, r.obs.events, r.obs.trials)
+            "histograms": {r.name: S.score_histogram_counts(r.obs.score, r.obs.events, r.obs.trials)
                            for r in results},
             "layer_traces": {f"{r.name}: {k}": v for r in results for k, v in r.layer_traces.items()},
             "slope_bounds": {f"{r.name}: {k}": r.slope_bound for r in results for k in r.layer_traces
@@ -258,63 +261,10 @@ def run(results: list[ModelResult], cfg: CorrelateConfig) -> dict:
     examples = [dict(ex, title=f"{r.name}: {ex.get('title', '')}") for r in results for ex in r.examples]
     if examples:
         _save_examples(out / "examples.npz", examples)
-    render(out, data, examples)
-    return {"out": str(out), "metrics": metrics, "report": str(out / "report.html")}
-
-
-def rerender(run_dir) -> Path:
-    """Rebuilds every figure and ``report.html`` of a finished run from ``report_data.json`` (+ ``examples.npz``)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "report_data.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no report_data.json here; is this the --out folder of 'correlate' "
-                                f"or 'audit'?")
-    data = json.loads(path.read_text())
-    examples = _load_examples(run_dir / "examples.npz") if (run_dir / "examples.npz").is_file() else []
-    return render(run_dir, data, examples)
-
-
-def headline_rows(metrics: dict) -> list[dict]:
-    from robustness_diag.reports.html import metric_text
-
-    rows = []
-    for name, m in metrics.items():
-        thr = m["threshold"]
-        caught = "n/a" if thr.get("tpr") is None else f"{thr['tpr']:.3f}"
-        thr_text = metric_text(thr) if thr.get("value") is None else (
-            f"score >= {thr['value']:.3g} (false alarms {thr['false_alarm']:.3f}, catches {caught} of artifacts)")
-        rows.append({"model": name, "metrics": [
-            ("AUROC (artifact = positive), 95% CI by image bootstrap", metric_text(m["auroc"])),
-            ("average precision [prevalence baseline]",
-             f"{metric_text(m['average_precision'])} [{m['prevalence']['value']:.4f}]"),
-            ("FPR at 95% TPR", metric_text(m["fpr_at_95_tpr"])),
-            ("Spearman (score vs artifact frequency)", metric_text(m["score_vs_frequency"]["spearman"])),
-            ("Kendall tau-b", metric_text(m["score_vs_frequency"]["kendall"])),
-            (f"recommended threshold at {m['threshold'].get('false_alarm_target', 0.05):g} false alarms", thr_text),
-            ("observations", f"{m['n_images']} images, {m['n_positions']} positions, "
-                             f"{m['n_events']:.0f} artifact events in {m['n_trials']:.0f} position-samples"),
-        ]})
-    return rows
-
-
-def render(out: Path, data: dict, examples: list) -> Path:
-    from robustness_diag.reports import figures as F
-    from robustness_diag.reports.html import render_report
-
-    metrics = data["metrics"]
-    figs = [F.reliability(metrics, out), F.roc_pr(metrics, out), F.score_histograms(data["histograms"], out),
-            F.per_image_scatter({k: m["per_image"] for k, m in metrics.items()}, out)]
-    if data["layer_traces"]:
-        figs.append(F.layer_traces(data["layer_traces"], out, data.get("slope_bounds")))
-    if examples:
-        figs.append(F.example_panel(examples, out))
-    tables = list(data.get("tables", [])) + [{"title": f"Per image: {name}", "columns": ["image", "mean score", "p99 score", "max score",
-                                                          "artifact fraction"],
-               "rows": [[r.get("name", r["image"]), r["score_mean"], r["score_p99"], r["score_max"],
-                         r["artifact_fraction"]] for r in m["per_image"]]} for name, m in metrics.items()]
-    return render_report(out / "report.html", data["title"], headline_rows(metrics), figs, tables,
-                         notes=data.get("notes", []), config=data.get("config"),
-                         warnings=data.get("warnings", []), verdicts=data.get("verdicts", []))
+    elif (out / "examples.npz").exists():
+        (out / "examples.npz").unlink()               # a stale file from an earlier run must not be rendered
+    report = render(out) if render is not None else None
+    return {"out": str(out), "metrics": metrics, "report": None if report is None else str(report)}
 
 
 # -- small I/O helpers ------------------------------------------------------------------------------------------------
@@ -346,7 +296,8 @@ def _save_examples(path: Path, examples: list) -> None:
     tmp.replace(path)
 
 
-def _load_examples(path: Path) -> list:
+def load_examples(path: Path) -> list:
+    """The example panels saved by :func:`run` (``examples.npz``), as a list of dicts of arrays."""
     z = np.load(path, allow_pickle=False)
     out = [{"title": str(t)} for t in z["titles"]]
     for key in z.files:
@@ -354,27 +305,3 @@ def _load_examples(path: Path) -> list:
             i, k = key.split("/", 1)
             out[int(i)][k] = z[key]
     return out
-
-
-def main(argv=None) -> int:
-    """``python -m robustness_diag.analyses.correlate --toy --out runs/toy_correlate``."""
-    import argparse
-
-    p = argparse.ArgumentParser(description="Correlation report on the 2-D toy (both couplings, side by side).")
-    p.add_argument("--toy", action="store_true", required=True, help="run on the 2-D toy")
-    p.add_argument("--out", default=ToyCorrelateConfig.out)
-    p.add_argument("--conditions", type=int, default=ToyCorrelateConfig.conditions)
-    p.add_argument("--samples", type=int, default=ToyCorrelateConfig.samples)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    cfg = ToyCorrelateConfig(out=a.out, conditions=a.conditions, samples=a.samples, seed=a.seed,
-                             title="2-D toy: OOD score of the condition vs exploding inverse")
-    res = run(toy_results(cfg), cfg)
-    for name, m in res["metrics"].items():
-        print(f"{name}: AUROC {m['auroc']}, events {m['n_events']:.0f}/{m['n_trials']:.0f}")
-    print(f"wrote {res['report']}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

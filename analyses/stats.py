@@ -337,3 +337,13 @@ def per_image_table(obs: Observations) -> list[dict]:
         rows.append({"image": int(img), "score_mean": float(s.mean()), "score_p99": float(np.quantile(s, 0.99)),
                      "score_max": float(s.max()), "artifact_fraction": float(obs.events[m].sum() / obs.trials[m].sum())})
     return rows
+
+
+def score_histogram_counts(score: np.ndarray, events: np.ndarray, trials: np.ndarray, bins: int = 40) -> dict:
+    """Weighted class-conditional histogram counts (``reports.figures.score_histograms`` draws them): ``bins`` bins on
+    the pooled score range; ``artifact`` sums ``events``, ``clean`` sums ``trials - events`` per bin."""
+    score = np.asarray(score, np.float64)
+    edges = np.histogram_bin_edges(score, bins=bins)
+    art, _ = np.histogram(score, edges, weights=events)
+    clean, _ = np.histogram(score, edges, weights=np.asarray(trials) - np.asarray(events))
+    return {"edges": edges.tolist(), "artifact": art.tolist(), "clean": clean.tolist()}

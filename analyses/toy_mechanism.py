@@ -1,15 +1,15 @@
 """The toy mechanism study: train the 2-D toy with both couplings, sample in- and out-of-distribution conditions,
 and record the per-layer sample variance and inverse slopes (the paper's Fig. 3b), as JSON and a figure.
 
-``python -m robustness_diag.analyses.toy_mechanism --out runs/toy`` (about 15 s on one CPU core).
+``robustness-diag toy --out runs/toy`` (about 15 s on one CPU core).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -25,9 +25,10 @@ class ToyMechanismConfig:
     conditions: list = field(default_factory=lambda: [0.0, 0.9, 3.0, 10.0, 30.0, -30.0, 100.0])
 
 
-def run(cfg: ToyMechanismConfig) -> dict:
+def run(cfg: ToyMechanismConfig, plot: Optional[Callable] = None) -> dict:
     """Returns (and writes to ``out/toy_mechanism.json``) per coupling and condition: per-layer variances, the
-    largest inverse log-slope and deviation per coupling, and the final sample spread."""
+    largest inverse log-slope and deviation per coupling, and the final sample spread. ``plot(result, path)`` draws
+    ``out/toy_layer_variance.png`` (the CLI passes :func:`robustness_diag.reports.toy_figures.plot_layer_variance`)."""
     result = {"config": asdict(cfg), "couplings": {}}
     for coupling in ("affine", "rqspline"):
         flow, history = train_toy(coupling, steps=cfg.steps, seed=cfg.seed)
@@ -49,24 +50,6 @@ def run(cfg: ToyMechanismConfig) -> dict:
     tmp = out / "toy_mechanism.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out / "toy_mechanism.json")
-    from robustness_diag.reports.toy_figures import plot_layer_variance
-    plot_layer_variance(result, out / "toy_layer_variance.png")
+    if plot is not None:
+        plot(result, out / "toy_layer_variance.png")
     return result
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/toy", help="output folder (JSON + PNG)")
-    p.add_argument("--seed", type=int, default=0, help="training and sampling seed")
-    p.add_argument("--steps", type=int, default=1000, help="training steps per coupling")
-    a = p.parse_args(argv)
-    res = run(ToyMechanismConfig(out=a.out, seed=a.seed, steps=a.steps))
-    for c, r in res["couplings"].items():
-        for y, row in r["conditions"].items():
-            print(f"{c:9s} y={float(y):7.1f}  max inverse slope {row['max_inverse_slope']:10.3g}  "
-                  f"max variance {row['max_variance']:10.3g}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -64,7 +64,9 @@ def main(args) -> int:
     cfg = AuditConfig(checkpoints=args.checkpoints, config=args.config, images=args.images, from_hr=args.from_hr,
                       budget=args.budget, out=args.out, heat=args.heat, false_alarm=args.false_alarm, seed=args.seed,
                       device=device, resume=not args.restart, progress=not args.no_progress)
-    res = run(cfg)
+    from robustness_diag.reports.correlate_report import rerender
+
+    res = run(cfg, render=rerender)
     for m in res["models"]:
         print(f"{m['name']} ({m['coupling']}): {m['verdict'].upper()}")
         for r in m["reasons"][:6]:

@@ -59,9 +59,11 @@ def main_correlate(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    res = C.run(results, cfg)
+    from robustness_diag.reports.correlate_report import rerender
+    from robustness_diag.reports.html import metric_text
+
+    res = C.run(results, cfg, render=rerender)
     for name, m in res["metrics"].items():
-        from robustness_diag.reports.html import metric_text
         print(f"{name}: AUROC {metric_text(m['auroc'])}; AP {metric_text(m['average_precision'])} "
               f"(prevalence {m['prevalence']['value']:.4f})")
     print(f"wrote {res['report']}")
@@ -69,10 +71,10 @@ def main_correlate(args) -> int:
 
 
 def main_report(args) -> int:
-    from robustness_diag.analyses import correlate as C
+    from robustness_diag.reports.correlate_report import rerender
 
     try:
-        path = C.rerender(args.run_dir)
+        path = rerender(args.run_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

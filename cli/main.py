@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from . import audit_cmd, correlate_cmd, inspect_cmd
-from . import fit_cmd, sample_cmd, score_cmd
+from . import fit_cmd, sample_cmd, score_cmd, toy_cmd
 
 EXIT_USAGE = 2
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_cmd.add_parser(sub)
     correlate_cmd.add_parser(sub)
     audit_cmd.add_parser(sub)
+    toy_cmd.add_parser(sub)
     return parser
 
 

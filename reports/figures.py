@@ -246,10 +246,3 @@ def example_panel(examples: list[dict], out_dir: Path, name: str = "examples") -
                   "exploded at each pixel.", _save(fig, out_dir, name), write_csv(Path(out_dir) / f"{name}.csv", rows))
 
 
-def score_histogram_counts(score: np.ndarray, events: np.ndarray, trials: np.ndarray, bins: int = 40) -> dict:
-    """Weighted class-conditional histogram counts for :func:`score_histograms` (bins on the pooled score range)."""
-    score = np.asarray(score, np.float64)
-    edges = np.histogram_bin_edges(score, bins=bins)
-    art, _ = np.histogram(score, edges, weights=events)
-    clean, _ = np.histogram(score, edges, weights=np.asarray(trials) - np.asarray(events))
-    return {"edges": edges.tolist(), "artifact": art.tolist(), "clean": clean.tolist()}

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from robustness_diag.analyses import audit as A
+from robustness_diag.reports.correlate_report import rerender
 
 TINY = dict(images=2, lr_size=12, samples=2, levels=(3,), fit_images=4, attack_images=1, attack_steps=4,
             bootstrap=20)
@@ -15,7 +16,7 @@ TINY = dict(images=2, lr_size=12, samples=2, levels=(3,), fit_images=4, attack_i
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
     out = tmp_path_factory.mktemp("audit")
-    return out, A.run(A.AuditConfig(out=str(out), progress=False, overrides=TINY))
+    return out, A.run(A.AuditConfig(out=str(out), progress=False, overrides=TINY), render=rerender)
 
 
 def test_verdict_separates_affine_and_spline_for_stated_reasons(audited):
@@ -49,7 +50,7 @@ def test_report_and_resume(audited):
     kept = (work / "cond_clean.json").stat().st_mtime_ns
     (work / "cond_noise3.json").unlink()
     (out / "report.html").unlink()
-    again = A.run(A.AuditConfig(out=str(out), progress=False, overrides=TINY))
+    again = A.run(A.AuditConfig(out=str(out), progress=False, overrides=TINY), render=rerender)
     assert (work / "cond_noise3.json").is_file() and (out / "report.html").is_file()
     assert (work / "cond_clean.json").stat().st_mtime_ns == kept
     assert [m["verdict"] for m in again["models"]] == [m["verdict"] for m in res["models"]]

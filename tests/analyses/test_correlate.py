@@ -8,13 +8,14 @@ import pytest
 
 from robustness_diag.analyses import correlate as C
 from robustness_diag.analyses import stats as S
+from robustness_diag.reports.correlate_report import rerender
 
 
 @pytest.fixture(scope="module")
 def toy_run(trained_toys, tmp_path_factory):
     out = tmp_path_factory.mktemp("toycorr")
     cfg = C.ToyCorrelateConfig(out=str(out), conditions=40, samples=16, n_resamples=200)
-    return out, C.run(C.toy_results(cfg, flows=trained_toys), cfg)
+    return out, C.run(C.toy_results(cfg, flows=trained_toys), cfg, render=rerender)
 
 
 def test_toy_shows_the_papers_direction_for_affine_and_no_events_for_the_spline(toy_run):
@@ -39,7 +40,7 @@ def test_outputs_sidecars_and_rerender(toy_run):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and "AUROC" in html and "undefined" in html
     (out / "report.html").unlink()
-    C.rerender(out)
+    rerender(out)
     assert (out / "report.html").read_text().count("data:image/png;base64,") >= 4
 
 
@@ -50,7 +51,18 @@ def test_user_strings_are_escaped_in_the_report(tmp_path):
     evil = '<script>alert("x")</script>.png'
     r = C.ModelResult("model <b>", obs, image_names=[evil] * 10,
                       examples=[{"title": evil, "lr": np.zeros((4, 4, 3)), "mask": np.zeros((16, 16))}])
-    C.run([r], C.CorrelateConfig(out=str(tmp_path), n_resamples=20))
+    C.run([r], C.CorrelateConfig(out=str(tmp_path), n_resamples=20), render=rerender)
     html = (tmp_path / "report.html").read_text()
     assert "<script>" not in html and "&lt;script&gt;" in html and "model &lt;b&gt;" in html
     assert (tmp_path / "examples.npz").is_file()
+
+
+def test_analysis_without_a_renderer_writes_data_only(tmp_path):
+    """The analysis layer writes the numbers; drawing is the report layer's job (passed in, never imported)."""
+    rng = np.random.default_rng(1)
+    score = rng.normal(size=100)
+    obs = S.Observations(score, rng.binomial(1, 1 / (1 + np.exp(-2 * score))), 1, np.arange(100) // 10)
+    res = C.run([C.ModelResult("m", obs)], C.CorrelateConfig(out=str(tmp_path), n_resamples=10))
+    assert res["report"] is None and not (tmp_path / "report.html").exists()
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "report_data.json").is_file()
+    assert rerender(tmp_path) == tmp_path / "report.html" and (tmp_path / "reliability.png").is_file()

@@ -4,10 +4,14 @@ from __future__ import annotations
 import json
 
 from robustness_diag.analyses.toy_mechanism import ToyMechanismConfig, run
+from robustness_diag.cli.main import main
 
 
 def test_toy_mechanism_outputs(tmp_path):
-    res = run(ToyMechanismConfig(out=str(tmp_path), steps=30, samples=200, conditions=[0.0, 30.0]))
+    from robustness_diag.reports.toy_figures import plot_layer_variance
+
+    res = run(ToyMechanismConfig(out=str(tmp_path), steps=30, samples=200, conditions=[0.0, 30.0]),
+              plot=plot_layer_variance)
     on_disk = json.loads((tmp_path / "toy_mechanism.json").read_text())
     assert on_disk == json.loads(json.dumps(res))
     assert set(res["couplings"]) == {"affine", "rqspline"}
@@ -19,3 +23,9 @@ def test_toy_mechanism_outputs(tmp_path):
     png = (tmp_path / "toy_layer_variance.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_toy_command(tmp_path, capsys):
+    assert main(["toy", "--out", str(tmp_path), "--steps", "20"]) == 0
+    assert (tmp_path / "toy_mechanism.json").is_file() and (tmp_path / "toy_layer_variance.png").is_file()
+    assert "max inverse slope" in capsys.readouterr().out

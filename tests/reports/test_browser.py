@@ -13,6 +13,7 @@ import pytest
 
 from robustness_diag.analyses import correlate as C
 from robustness_diag.analyses import stats as S
+from robustness_diag.reports.correlate_report import rerender
 
 CHECKER = """<script id="rd-check">
 window.addEventListener('load', () => {
@@ -43,7 +44,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     evil = '<script>document.title="pwned"</script>'
     C.run([C.ModelResult(f"affine {evil}", obs, image_names=[f"{evil}.png"] * 10,
                          examples=[{"title": evil, "lr": np.full((4, 4, 3), 0.5), "mask": np.eye(16)}])],
-          C.CorrelateConfig(out=str(tmp_path), n_resamples=50))
+          C.CorrelateConfig(out=str(tmp_path), n_resamples=50), render=rerender)
     html = (tmp_path / "report.html").read_text()
     probe = tmp_path / "probe.html"
     probe.write_text(html.replace("</body>", CHECKER + "</body>"))

@@ -330,7 +330,8 @@ def verdict(static: dict, conditions: list, adversarial: dict) -> dict:
         if small["frac_nonfinite_pixels"] > 0 or at_bound(small["found_max_log_slope"]):
             rnd = adversarial.get("random_8_255", {})
             vs = "" if rnd.get("sampled_max_log_slope") is None else \
-                f" (random sign noise of the same budget: {math.exp(rnd['sampled_max_log_slope']):.3g})"
+                (f" (random sign noise of the same budget: inverse slope {math.exp(rnd['sampled_max_log_slope']):.3g}, "
+                 f"{rnd['frac_artifact_pixels']:.2%} artifact pixels)")
             reasons.append(f"adversarial LR within 8/255: inverse slope {math.exp(small['found_max_log_slope']):.3g}"
                            f"{vs}, {small['frac_artifact_pixels']:.2%} artifact and {small['frac_nonfinite_pixels']:.2%} "
                            f"non-finite pixels")

@@ -498,3 +498,14 @@ def small_hcflow_checkpoint(path, seed: int = 3) -> Path:
     sd = build_state_dict(reduce_hcflow_manifest(read_manifest("SR_DF2K_4X_HCFlow"), K=2, n_cond=1, rrdb_nb=1),
                           seed=seed)
     return write_variant(sd, Path(path), "raw")
+
+
+def state_hash(sd) -> str:
+    """sha256 over a state_dict's keys and raw tensor bytes, in order (fixtures record it to prove the same weights)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sd.items():
+        h.update(k.encode())
+        h.update(v.contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..flows.network import SRFlowFamily
-from .trace import LOWER, UPPER, artifact_masks, draw_sample_latents
+from .trace import LOWER, UPPER, artifact_masks, replicate_inputs
 
 #: ``source`` code of pixels kept from the original sample.
 ORIGINAL = 0
@@ -119,14 +119,8 @@ def safe_sample(flow: SRFlowFamily, lr: Tensor, heat: Optional[float] = None, n_
     """
     if fallback not in ("bicubic", "none"):
         raise ValueError(f"fallback must be 'bicubic' or 'none', got {fallback!r}")
-    heat = flow.config.heat if heat is None else float(heat)
+    heat, lr_rep, std, latents = replicate_inputs(flow, lr, heat, n_samples, generator, latents, std)
     heats = tuple(float(h) for h in (heats if heats is not None else (heat / 2, heat / 4, 0.0)))
-    b = lr.shape[0]
-    lr_rep = lr.repeat(n_samples, 1, 1, 1) if n_samples > 1 else lr
-    if std is not None and n_samples > 1 and std.shape[0] == b and b > 1:
-        std = std.repeat(n_samples, 1, 1, 1)
-    if latents is None:
-        latents = draw_sample_latents(flow, lr, heat, n_samples, generator)
     image = flow.sample(lr_rep, heat, None, latents, std)
     bad = artifact_masks(image, upper, lower)[0]
     source = torch.zeros(bad.shape, dtype=torch.int8, device=bad.device)

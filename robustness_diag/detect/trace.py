@@ -630,6 +630,26 @@ def draw_sample_latents(flow: "SRFlowFamily | HCFlow", lr: Tensor, heat: float, 
     return [torch.cat(parts, dim=0) for parts in zip(*draws)] if n_samples > 1 else draws[0]
 
 
+def replicate_inputs(flow, lr: Tensor, heat: Optional[float], n_samples: int, generator: Optional[torch.Generator],
+                     latents: Optional[list], std: Optional[Tensor]) -> tuple[float, Tensor, Optional[Tensor], list]:
+    """The inputs of ``n_samples`` samples per LR image in one batch, sample-major (row ``s * B + b``).
+
+    Returns ``(heat, lr_rep, std_rep, latents)``: ``heat`` resolved (None -> ``flow.config.heat``), ``lr``
+    (B, 3, h, w) repeated to (n_samples * B, ...), a per-image NCSR ``std`` map repeated likewise (a shared one is
+    kept), and the latents: drawn by :func:`draw_sample_latents`, or the given ones after a shape check."""
+    heat = flow.config.heat if heat is None else float(heat)
+    b = lr.shape[0]
+    lr_rep = lr.repeat(n_samples, 1, 1, 1) if n_samples > 1 else lr
+    if std is not None and n_samples > 1 and std.shape[0] == b and b > 1:
+        std = std.repeat(n_samples, 1, 1, 1)
+    if latents is None:
+        latents = draw_sample_latents(flow, lr, heat, n_samples, generator)
+    else:
+        latents = list(latents)
+        flow._check_latents(lr_rep, latents)
+    return heat, lr_rep, std, latents
+
+
 @torch.no_grad()
 def trace_sampling(flow: "SRFlowFamily | HCFlow", lr: Tensor, heat: Optional[float] = None, n_samples: int = 1,
                    generator: Optional[torch.Generator] = None, *, latents: Optional[list] = None,
@@ -672,16 +692,8 @@ def trace_sampling(flow: "SRFlowFamily | HCFlow", lr: Tensor, heat: Optional[flo
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    heat = flow.config.heat if heat is None else float(heat)
     b = lr.shape[0]
-    lr_rep = lr.repeat(n_samples, 1, 1, 1) if n_samples > 1 else lr
-    if std is not None and n_samples > 1 and std.shape[0] == b and b > 1:
-        std = std.repeat(n_samples, 1, 1, 1)
-    if latents is None:
-        latents = draw_sample_latents(flow, lr, heat, n_samples, generator)
-    else:
-        latents = list(latents)
-        flow._check_latents(lr_rep, latents)
+    heat, lr_rep, std, latents = replicate_inputs(flow, lr, heat, n_samples, generator, latents, std)
     plan = _plan(flow)
     rec = _Recorder(flow, plan, plan.top(lr_rep, latents), growth_threshold, growth_floor, keep_layer_maps)
     x, ladj = plan.decode(flow, lr_rep, heat, latents, std, rec)

@@ -12,8 +12,26 @@ COUPLING_ATTR = {"affine": "affine", "affine_reparam": "affinereparam", "rqsplin
 NON_INFERABLE = ("blocks", "eps", "S", "residual", "bounds", "heat")
 
 
+class ConfigDict:
+    """Dict/JSON round trip of a config dataclass (stored in checkpoint headers); unknown fields are refused."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+        return cls(**d)
+
+
 @dataclass
-class FlowConfig:
+class FlowConfig(ConfigDict):
     """Everything needed to build an SRFlow-family network (SRFlow, NCSR/FS-NCSR, robustNF).
 
     Attributes:
@@ -104,19 +122,6 @@ class FlowConfig:
         if errors:
             raise ValueError("; ".join(errors))
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FlowConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown FlowConfig fields: {unknown}")
-        return cls(**d)
 
 
 def _per_level(value, L: int, name: str) -> list:

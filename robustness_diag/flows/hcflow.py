@@ -29,8 +29,6 @@ so only when the noise is passed, so by default it is the objective of the conti
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bijections import gaussian_log_density
+from .config import ConfigDict
 from .couplings import Tracer
 from .layers import ActNorm2d, Conv2dZeros, FlowLayer, GlowConv2d, InvConv1x1, LevelCondition, cross_split, \
     squeeze2d, unsqueeze2d
@@ -57,7 +56,7 @@ LayerCallback = Callable[[int, nn.Module, Tensor], None]
 
 
 @dataclass
-class HCFlowConfig:
+class HCFlowConfig(ConfigDict):
     """Architecture of an HCFlow SR network (``test_SR_*_HCFlow.yml`` ``network_G.flowDownsampler``).
 
     Attributes:
@@ -113,19 +112,6 @@ class HCFlowConfig:
             c = keep
         return out
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HCFlowConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown HCFlowConfig fields: {unknown}")
-        return cls(**d)
 
 
 class AtanAffineCoupling(FlowLayer):

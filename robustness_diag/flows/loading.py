@@ -171,7 +171,8 @@ def _build_and_load(raw: RawCheckpoint, cfg: FlowConfig, det: Detection, problem
                   if k in raw.state and tuple(raw.state[k].shape) != tuple(v.shape)]
     if missing or unexpected or mismatched:
         raise ArchitectureMismatchError(
-            _mismatch_message(det, cfg, missing, unexpected, mismatched, problems), raw.path,
+            _mismatch_message(det, f"scale={cfg.scale}, L={cfg.L}, K={cfg.K}, nb={cfg.nb}", missing, unexpected,
+                              mismatched, problems), raw.path,
             missing, unexpected, mismatched)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in raw.state.items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -179,6 +180,13 @@ def _build_and_load(raw: RawCheckpoint, cfg: FlowConfig, det: Detection, problem
     flow.eval()
     flow.info = {"nonfinite_keys": bad}
     return flow
+
+
+def _apply_hcflow_overrides(fields: dict, sources: dict, config, path) -> None:
+    """Updates ``fields`` from the user's config (dict or HCFlow YAML) and marks them as set by the config."""
+    over = _hcflow_overrides(config, path)
+    fields.update(over)
+    sources.update({k: "config" for k in over})
 
 
 def _hcflow_overrides(config, path) -> dict:
@@ -212,19 +220,10 @@ def _hcflow_load(raw: RawCheckpoint, fields: dict, sources: dict, det: Detection
     mismatched = [(k, tuple(raw.state[k].shape), tuple(v.shape)) for k, v in expected.items()
                   if k in raw.state and tuple(raw.state[k].shape) != tuple(v.shape)]
     if missing or unexpected or mismatched:
-        parts = [f"weights do not fit the architecture (family guess: {det.variant}; built for scale={cfg.scale}, "
-                 f"L={cfg.L}, main steps per level {cfg.K}, conditional steps {cfg.n_cond_steps}, "
-                 f"RRDB_nb {cfg.rrdb_nb})"]
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches (key: file vs model): "
-                         + _listing(mismatched, lambda m: f"{m[0]}: {list(m[1])} vs {list(m[2])}"))
-        if problems:
-            parts.append("layout problems: " + "; ".join(problems))
-        raise ArchitectureMismatchError("\n  ".join(parts), raw.path, missing, unexpected, mismatched)
+        built = (f"scale={cfg.scale}, L={cfg.L}, main steps per level {cfg.K}, conditional steps "
+                 f"{cfg.n_cond_steps}, RRDB_nb {cfg.rrdb_nb}")
+        raise ArchitectureMismatchError(_mismatch_message(det, built, missing, unexpected, mismatched, problems),
+                                        raw.path, missing, unexpected, mismatched)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in raw.state.items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     flow.load_state_dict(state, strict=True)
@@ -241,9 +240,7 @@ def _hcflow_from_third_party(raw: RawCheckpoint, config, det: Detection):
     for k, v in hcflow_defaults(fields["scale"]).items():
         fields[k], sources[k] = v, "defaulted"
     if config is not None:
-        over = _hcflow_overrides(config, raw.path)
-        fields.update(over)
-        sources.update({k: "config" for k in over})
+        _apply_hcflow_overrides(fields, sources, config, raw.path)
         problems = []
     return _hcflow_load(raw, fields, sources, det, list(raw.notes), problems)
 
@@ -252,9 +249,7 @@ def _hcflow_from_own(raw: RawCheckpoint, config):
     fields = dict(raw.metadata["config"])
     sources = {k: "metadata" for k in fields}
     if config is not None:
-        over = _hcflow_overrides(config, raw.path)
-        fields.update(over)
-        sources.update({k: "config" for k in over})
+        _apply_hcflow_overrides(fields, sources, config, raw.path)
     det = Detection("hcflow", raw.metadata.get("variant", "HCFlow"), "affine_atan", "affine", True,
                     ["robustness-diag safetensors header"])
     flow = _hcflow_load(raw, fields, sources, det, [])
@@ -275,9 +270,9 @@ def _listing(items, fmt=str) -> str:
     return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
 
 
-def _mismatch_message(det, cfg, missing, unexpected, mismatched, problems) -> str:
-    parts = [f"weights do not fit the architecture (family guess: {det.variant}; built for scale={cfg.scale}, "
-             f"L={cfg.L}, K={cfg.K}, nb={cfg.nb})"]
+def _mismatch_message(det, built_for: str, missing, unexpected, mismatched, problems) -> str:
+    """The error text of a state_dict that does not fit; ``built_for`` describes the architecture it was tried on."""
+    parts = [f"weights do not fit the architecture (family guess: {det.variant}; built for {built_for})"]
     if missing:
         parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
     if unexpected:

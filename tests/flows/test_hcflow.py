@@ -5,7 +5,6 @@ decode absolute 1e-4, objective relative 1e-5.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -18,25 +17,15 @@ from robustness_diag.flows.errors import ArchitectureMismatchError
 from robustness_diag.flows.hcflow import MAX_LOG_SCALE, AtanAffineCoupling, HCFlow, HCFlowConfig, \
     infer_hcflow_config
 from robustness_diag.flows.inspect import inspect_flow
-from tests.synth import build_state_dict, read_manifest, reduce_hcflow_manifest, write_variant
+from tests.synth import (build_state_dict, read_manifest, reduce_hcflow_manifest, small_hcflow_checkpoint,
+                         state_hash, write_variant)
 
 FIXTURES = sorted((Path(__file__).parents[1] / "fixtures" / "reference" / "hcflow").glob("*.pt"))
 
 
-def _state_hash(sd) -> str:
-    h = hashlib.sha256()
-    for k, v in sd.items():
-        h.update(k.encode())
-        h.update(v.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def x4_path(tmp_path_factory):
-    sd = build_state_dict(reduce_hcflow_manifest(read_manifest("SR_DF2K_4X_HCFlow"), K=2, n_cond=1, rrdb_nb=1), seed=3)
-    path = tmp_path_factory.mktemp("hcflow") / "x4.pth"
-    write_variant(sd, path, "raw")
-    return path
+    return small_hcflow_checkpoint(tmp_path_factory.mktemp("hcflow") / "x4.pth")
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +139,7 @@ def test_yaml_config_and_own_checkpoint(x4, x4_path, tmp_path):
 def case(request, tmp_path):
     fix = torch.load(request.param, weights_only=True)
     sd = build_state_dict(reduce_hcflow_manifest(read_manifest(fix["manifest"]), **fix["reduce"]), seed=fix["seed"])
-    if _state_hash(sd) != fix["state_sha256"]:
+    if state_hash(sd) != fix["state_sha256"]:
         pytest.fail(f"{request.param.name}: tests/synth.py no longer rebuilds the weights the reference ran on")
     path = tmp_path / "weights.pth"
     write_variant(sd, path, "raw")

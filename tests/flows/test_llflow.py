@@ -5,7 +5,6 @@ log_prob relative 1e-5, decode absolute 1e-4.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import cv2
@@ -20,26 +19,16 @@ from robustness_diag.flows.errors import ArchitectureMismatchError
 from robustness_diag.flows.inspect import inspect_flow
 from robustness_diag.flows.layers import squeeze2d
 from robustness_diag.flows.llflow import LLFlow
-from tests.synth import build_state_dict, read_manifest, reduce_manifest, write_variant
+from tests.synth import (build_state_dict, read_manifest, reduce_manifest, small_llflow_checkpoint,
+                         state_hash, write_variant)
 
 FIXTURES = sorted((Path(__file__).parents[1] / "fixtures" / "reference" / "llflow").glob("*.pt"))
 MANIFESTS = ["LLFlow_LOL-pc", "LLFlow_LOL_smallNet"]
 
 
-def _state_hash(sd) -> str:
-    h = hashlib.sha256()
-    for k, v in sd.items():
-        h.update(k.encode())
-        h.update(v.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def small_path(tmp_path_factory):
-    sd = build_state_dict(reduce_manifest(read_manifest("LLFlow_LOL_smallNet"), nb=2, K=2), seed=3)
-    path = tmp_path_factory.mktemp("llflow") / "small.pth"
-    write_variant(sd, path, "raw")
-    return path
+    return small_llflow_checkpoint(tmp_path_factory.mktemp("llflow") / "small.pth")
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +172,7 @@ def test_upstream_yaml_overrides_are_read(small_path, tmp_path):
 def case(request, tmp_path):
     fix = torch.load(request.param, weights_only=True)
     sd = build_state_dict(reduce_manifest(read_manifest(fix["manifest"]), **fix["reduce"]), seed=fix["seed"])
-    if _state_hash(sd) != fix["state_sha256"]:
+    if state_hash(sd) != fix["state_sha256"]:
         pytest.fail(f"{request.param.name}: tests/synth.py no longer rebuilds the weights the reference ran on")
     path = tmp_path / "weights.pth"
     write_variant(sd, path, "raw")

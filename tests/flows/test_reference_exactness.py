@@ -4,31 +4,22 @@ Targets of the acceptance criteria: log_prob relative 1e-5, decode absolute 1e-4
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 import torch
 
 import robustness_diag as rd
-from tests.synth import build_state_dict, read_manifest, reduce_manifest, write_variant
+from tests.synth import build_state_dict, read_manifest, reduce_manifest, state_hash, write_variant
 
 FIXTURES = sorted((Path(__file__).parents[1] / "fixtures" / "reference").glob("*.pt"))
-
-
-def _state_hash(sd) -> str:
-    h = hashlib.sha256()
-    for k, v in sd.items():
-        h.update(k.encode())
-        h.update(v.contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(params=FIXTURES, ids=[p.stem for p in FIXTURES])
 def case(request, tmp_path):
     fix = torch.load(request.param, weights_only=True)
     sd = build_state_dict(reduce_manifest(read_manifest(fix["manifest"]), **fix["reduce"]), seed=fix["seed"])
-    if _state_hash(sd) != fix["state_sha256"]:
+    if state_hash(sd) != fix["state_sha256"]:
         pytest.fail(f"{request.param.name}: tests/synth.py no longer rebuilds the weights the reference ran on "
                     "(generator or builder changed); regenerate the fixture")
     path = tmp_path / "weights.pth"

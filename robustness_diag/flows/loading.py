@@ -164,22 +164,27 @@ def _build_and_load(raw: RawCheckpoint, cfg: FlowConfig, det: Detection, problem
         flow = model_for_config(cfg)
     except ValueError as e:
         raise ArchitectureMismatchError(f"recognised as {det.variant}; cannot build: {e}", raw.path) from None
+    bad = _load_weights(flow, raw, det, f"scale={cfg.scale}, L={cfg.L}, K={cfg.K}, nb={cfg.nb}", problems)
+    flow.info = {"nonfinite_keys": bad}
+    return flow
+
+
+def _load_weights(flow, raw: RawCheckpoint, det: Detection, built_for: str, problems=()) -> list:
+    """Loads ``raw``'s tensors (as float32) into ``flow`` strictly and sets eval mode; returns the keys holding
+    NaN/Inf. Raises :class:`ArchitectureMismatchError` listing missing, unexpected and mis-shaped keys first."""
     expected = flow.state_dict()
     missing = [k for k in expected if k not in raw.state]
     unexpected = [k for k in raw.state if k not in expected]
     mismatched = [(k, tuple(raw.state[k].shape), tuple(v.shape)) for k, v in expected.items()
                   if k in raw.state and tuple(raw.state[k].shape) != tuple(v.shape)]
     if missing or unexpected or mismatched:
-        raise ArchitectureMismatchError(
-            _mismatch_message(det, f"scale={cfg.scale}, L={cfg.L}, K={cfg.K}, nb={cfg.nb}", missing, unexpected,
-                              mismatched, problems), raw.path,
-            missing, unexpected, mismatched)
+        raise ArchitectureMismatchError(_mismatch_message(det, built_for, missing, unexpected, mismatched, problems),
+                                        raw.path, missing, unexpected, mismatched)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in raw.state.items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     flow.load_state_dict(state, strict=True)
     flow.eval()
-    flow.info = {"nonfinite_keys": bad}
-    return flow
+    return bad
 
 
 def _apply_hcflow_overrides(fields: dict, sources: dict, config, path) -> None:
@@ -214,20 +219,8 @@ def _hcflow_load(raw: RawCheckpoint, fields: dict, sources: dict, det: Detection
         flow = HCFlow(cfg)
     except ValueError as e:
         raise ArchitectureMismatchError(f"recognised as {det.variant}; inconsistent settings: {e}", raw.path) from None
-    expected = flow.state_dict()
-    missing = [k for k in expected if k not in raw.state]
-    unexpected = [k for k in raw.state if k not in expected]
-    mismatched = [(k, tuple(raw.state[k].shape), tuple(v.shape)) for k, v in expected.items()
-                  if k in raw.state and tuple(raw.state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or mismatched:
-        built = (f"scale={cfg.scale}, L={cfg.L}, main steps per level {cfg.K}, conditional steps "
-                 f"{cfg.n_cond_steps}, RRDB_nb {cfg.rrdb_nb}")
-        raise ArchitectureMismatchError(_mismatch_message(det, built, missing, unexpected, mismatched, problems),
-                                        raw.path, missing, unexpected, mismatched)
-    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in raw.state.items()}
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    flow.load_state_dict(state, strict=True)
-    flow.eval()
+    bad = _load_weights(flow, raw, det, f"scale={cfg.scale}, L={cfg.L}, main steps per level {cfg.K}, "
+                                        f"conditional steps {cfg.n_cond_steps}, RRDB_nb {cfg.rrdb_nb}", problems)
     flow.info = {"nonfinite_keys": bad}
     flow.info.update(_info(raw, cfg, det, sources, notes))
     return flow

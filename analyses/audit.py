@@ -306,6 +306,14 @@ def _log_bound(flow) -> Optional[float]:
     return math.log(b["max_inverse_slope"]) if b.get("max_inverse_slope") else None
 
 
+def _label(c: dict) -> str:
+    """``"noise1 (LR Gaussian noise, sigma 0.05)"``: a stress condition's label with what it is."""
+    from robustness_diag.data.degradations import describe
+
+    text = describe(c["condition"])
+    return c["condition"] if text == c["condition"] else f"{c['condition']} ({text})"
+
+
 def verdict(static: dict, conditions: list, adversarial: dict) -> dict:
     """Applies the module's verdict rules; returns ``{"verdict", "reasons", "caveats"}``."""
     reasons, caveats = [], []
@@ -321,9 +329,9 @@ def verdict(static: dict, conditions: list, adversarial: dict) -> dict:
 
     for c in conditions:
         if c["frac_nonfinite_pixels"] > 0:
-            reasons.append(f"{c['condition']}: NaN/Inf output in {c['frac_nonfinite_pixels']:.2%} of pixels")
+            reasons.append(f"{_label(c)}: NaN/Inf output in {c['frac_nonfinite_pixels']:.2%} of pixels")
         elif at_bound(c["max_log_slope"]):
-            reasons.append(f"{c['condition']}: inverse slope {math.exp(c['max_log_slope']):.3g} reaches the 1/eps "
+            reasons.append(f"{_label(c)}: inverse slope {math.exp(c['max_log_slope']):.3g} reaches the 1/eps "
                            f"bound {math.exp(bound):.3g}")
     small = adversarial.get("budget_8_255", {})
     if small:
@@ -337,7 +345,7 @@ def verdict(static: dict, conditions: list, adversarial: dict) -> dict:
                            f"non-finite pixels")
     for c in conditions:
         if c["frac_artifact_pixels"] > 0.01 and c["frac_nonfinite_pixels"] == 0:
-            caveats.append(f"{c['condition']}: {c['frac_artifact_pixels']:.2%} of pixels out of range (finite)")
+            caveats.append(f"{_label(c)}: {c['frac_artifact_pixels']:.2%} of pixels out of range (finite)")
     unc = adversarial.get("unconstrained", {})
     if unc:
         caveats.append(f"unconstrained adversarial input: inverse slope {math.exp(unc['found_max_log_slope']):.3g}, "
@@ -467,7 +475,7 @@ def write_report(out: Path, cfg: AuditConfig, summaries: list, results: list, fa
 def _stress_tables(summaries: list) -> list:
     tables = []
     for s in summaries:
-        rows = [[c["condition"], c["frac_samples_with_artifact"], c["frac_artifact_pixels"], c["frac_nonfinite_pixels"],
+        rows = [[_label(c), c["frac_samples_with_artifact"], c["frac_artifact_pixels"], c["frac_nonfinite_pixels"],
                  None if c["max_log_slope"] is None else math.exp(c["max_log_slope"]), c["score_mean"]]
                 for c in s["conditions"]]
         for label, a in s["adversarial"].items():

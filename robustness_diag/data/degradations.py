@@ -59,3 +59,24 @@ def graphics_lr(size: int, scale: int, n: int, generator: torch.Generator):
     imgs = [load_photo(name) for name in GRAPHICS]
     hr = random_crops(imgs, n, size * scale, generator, augment=False)
     return downscale(hr, scale)
+
+
+def describe(condition: str) -> str:
+    """Human-readable description of a condition label (``"noise1"`` -> ``"LR Gaussian noise, sigma 0.05"``);
+    labels this module does not define are returned unchanged."""
+    family, level = condition.rstrip("0123456789"), condition[len(condition.rstrip("0123456789")):]
+    lv = int(level) if level else None
+    if family == "noise" and lv in NOISE_SIGMA:
+        return f"LR Gaussian noise, sigma {NOISE_SIGMA[lv]:g}"
+    if family == "blur" and lv in BLUR_SIGMA:
+        return f"HR blurred before downscaling (kernel mismatch), Gaussian sigma {BLUR_SIGMA[lv]:g} px"
+    if family == "jpeg" and lv in JPEG_QUALITY:
+        return f"LR JPEG, quality {JPEG_QUALITY[lv]}"
+    if family == "exposure" and lv in EXPOSURE:
+        gain, contrast = EXPOSURE[lv]
+        return f"exposure gain x{gain:g}, contrast x{contrast:g}"
+    if condition == "graphics":
+        return "graphics images (" + ", ".join(GRAPHICS) + ")"
+    if condition == "clean":
+        return "held-out crops, undegraded"
+    return condition

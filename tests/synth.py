@@ -457,13 +457,9 @@ def reduce_hcflow_manifest(entries: Sequence[Entry], K: int = 2, n_cond: int = 1
     ``[squeeze][K steps][split]`` (squeeze and split keep an index without keys), key order and shapes unchanged.
     The matching upstream options: ``flowDownsampler.K = K + n_cond``, ``splitOff.after_flowstep = [n_cond] * L``,
     ``splitOff.RRDB_nb = [rrdb_nb, rrdb_nb]``."""
-    idx = sorted({int(m.group(1)) for key, _ in entries for m in [_HC_MAIN_RE.match(key)] if m})
-    runs: list[list[int]] = []
-    for i in idx:
-        if runs and i == runs[-1][-1] + 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
+    from robustness_diag.flows.hcflow import consecutive_runs
+
+    runs = consecutive_runs(sorted({int(m.group(1)) for key, _ in entries for m in [_HC_MAIN_RE.match(key)] if m}))
     mapping: dict[int, int] = {}
     for level, run in enumerate(runs):
         base = level * (K + 2) + 1

@@ -457,6 +457,17 @@ _MAIN = re.compile(r"^flow\.layers\.(\d+)\.")
 _COND = re.compile(r"^flow\.level(\d+)_condFlow\.")
 
 
+def consecutive_runs(indices) -> list[list[int]]:
+    """Splits sorted layer indices into runs of consecutive ones (``[1, 2, 5, 6]`` -> ``[[1, 2], [5, 6]]``)."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 def infer_hcflow_config(state) -> tuple[dict, list]:
     """HCFlowConfig fields from key names and shapes; returns ``(fields, problems)``.
 
@@ -467,12 +478,7 @@ def infer_hcflow_config(state) -> tuple[dict, list]:
     idx = sorted({int(m.group(1)) for k in state for m in [_MAIN.match(k)] if m})
     levels = sorted({int(m.group(1)) for k in state for m in [_COND.match(k)] if m})
     L = len(levels)
-    runs: list[list[int]] = []
-    for i in idx:
-        if runs and i == runs[-1][-1] + 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
+    runs = consecutive_runs(idx)
     K = [len(r) for r in runs]
     if len(K) != L:
         problems.append(f"{len(K)} runs of main flow steps but {L} conditional flows")

@@ -107,18 +107,9 @@ def _slug(spec: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
 
 
-def input_domain(flow):
-    """Maps a clean LR-like photo batch to the flow's in-distribution input: the identity for SR flows, the
-    documented synthetic darkening (:func:`robustness_diag.data.lowlight.darken`) for low-light flows (LLFlow)."""
-    if getattr(flow.config, "family", None) == "llflow":
-        from robustness_diag.data.lowlight import darken
-        return darken
-    return lambda x: x
-
-
 def _condition_inputs(hr: torch.Tensor, scale: int, levels, seed: int, lr_size: int, domain=None) -> dict:
     """Condition name -> (input batch, degradation family, severity). ``hr``: held-out HR crops; ``domain``: see
-    :func:`input_domain` (low-light flows get darkened inputs, degraded after darkening as a camera would)."""
+    ``Flow.input_domain`` (low-light flows get darkened inputs, degraded after darkening as a camera would)."""
     from robustness_diag.data import degradations as deg
     from robustness_diag.data.photos import downscale
 
@@ -169,7 +160,7 @@ class _ModelAudit:
             if rec.stages:
                 worst = max(float(s.log_slope_max.max()) for s in rec.stages.values())
                 per_layer.append({"layer": rec.name, "max_log_slope": worst})
-        bound = _log_bound(self.flow)
+        bound = self.flow.log_inverse_slope_bound()
         in_dist = max((r["max_log_slope"] for r in per_layer), default=float("nan"))
         return {"inspect": rep, "bound_log_slope": bound, "in_distribution_max_log_slope": in_dist,
                 "in_distribution_fraction_of_bound": (in_dist / bound) if bound else None,
@@ -208,7 +199,7 @@ class _ModelAudit:
         hr = random_crops([load_photo(n) for n in TRAIN_PHOTOS], self.b["fit_images"],
                           2 * self.b["lr_size"] * self.scale, torch.Generator().manual_seed(self.cfg.seed + 7),
                           augment=False)
-        for lr in input_domain(self.flow)(downscale(hr, self.scale)):
+        for lr in self.flow.input_domain(downscale(hr, self.scale)):
             yield lr[None]
 
     # 3. stress suite ----------------------------------------------------------------------------------------------
@@ -297,15 +288,6 @@ class _ModelAudit:
         return out
 
 
-def _log_bound(flow) -> Optional[float]:
-    """log of the hard inverse-slope bound of the couplings (affine: log 1/eps), None when they have none."""
-    steps = flow.coupling_steps()
-    if not steps:
-        return None
-    b = steps[0][2].coupling.inverse_slope_bound()
-    return math.log(b["max_inverse_slope"]) if b.get("max_inverse_slope") else None
-
-
 def _label(c: dict) -> str:
     """``"noise1 (LR Gaussian noise, sigma 0.05)"``: a stress condition's label with what it is."""
     from robustness_diag.data.degradations import describe
@@ -373,7 +355,7 @@ def audit_model(spec: str, cfg: AuditConfig, root: Path) -> tuple[dict, C.ModelR
                       torch.Generator().manual_seed(cfg.seed), augment=False)
     conds = {k: (lr.to(m.device), fam, sev)
              for k, (lr, fam, sev) in _condition_inputs(hr, m.scale, b["levels"], cfg.seed, b["lr_size"],
-                                                             input_domain(m.flow)).items()}
+                                                             m.flow.input_domain).items()}
     static = _cached(work / "static.json", cfg.resume, lambda: m.static(conds["clean"][0]))
     scorer = m.fit()
     names = list(conds)
@@ -407,7 +389,7 @@ def audit_model(spec: str, cfg: AuditConfig, root: Path) -> tuple[dict, C.ModelR
                            examples=examples,
                            image_names=None, notes=[])
     summary = {"checkpoint": str(spec), "name": m.name, "coupling": m.flow.config.coupling,
-               "family": m.flow.config.family, "heat": m.heat,
+               "family": m.flow.family, "heat": m.heat,
                "static": {k: v for k, v in static.items() if k != "inspect"},
                "inspect_verdict": static["inspect"].get("verdict"), "conditions": rows, "adversarial": adv,
                **v, "ood_fit": scorer.fit_report}

@@ -199,7 +199,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
 
     def extra():
         return {"checkpoint": {"path": str(cfg.checkpoint), "weights_digest": digest, "scale": scale,
-                               "family": flow.config.family, "coupling": flow.config.coupling},
+                               "family": flow.family, "coupling": flow.config.coupling},
                 "sampling": {"samples": cfg.samples, "heat": heat, "seed": cfg.seed, "from_hr": inp.from_hr,
                              "thresholds": [cfg.lower, cfg.upper], "device": str(device)},
                 "phase_timing": {k: round(v, 3) for k, v in timing.items()}}

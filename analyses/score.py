@@ -234,7 +234,7 @@ def fit(cfg: FitConfig) -> FitResult:
         res.seconds = time.time() - t_start
         return res
     meta = {"checkpoint": str(cfg.checkpoint), "checkpoint_digest": rd.weights_digest(flow),
-            "flow_scale": scale, "flow_family": flow.config.family, "flow_coupling": flow.config.coupling,
+            "flow_scale": scale, "flow_family": flow.family, "flow_coupling": flow.config.coupling,
             "input": "hr" if inp.from_hr else "lr", "n_images": run.n_ok, "n_failed": run.n_failed,
             "failed": run.failed[:100], "images": [str(p) for p in inp.images], "features": ex.describe(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
@@ -360,7 +360,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
 
     def extra():
         return {"checkpoint": {"path": str(cfg.checkpoint), "weights_digest": digest, "scale": scale,
-                               "family": flow.config.family, "coupling": flow.config.coupling},
+                               "family": flow.family, "coupling": flow.config.coupling},
                 "statistics": {"path": str(cfg.stats), "levels": scorer.level_names,
                                "pixel_count": scorer.meta.get("pixel_count"),
                                "shrinkage": scorer.meta.get("shrinkage"), "input": scorer.meta.get("input"),

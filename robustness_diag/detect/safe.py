@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..flows.network import SRFlowFamily
+from ..flows.base import Flow
 from .trace import LOWER, UPPER, artifact_masks, replicate_inputs
 
 #: ``source`` code of pixels kept from the original sample.
@@ -94,7 +94,7 @@ def _region(mask: Tensor, size: tuple[int, int], margin: int) -> Tensor:
 
 
 @torch.no_grad()
-def safe_sample(flow: SRFlowFamily, lr: Tensor, heat: Optional[float] = None, n_samples: int = 1,
+def safe_sample(flow: Flow, lr: Tensor, heat: Optional[float] = None, n_samples: int = 1,
                 generator: Optional[torch.Generator] = None, *, latents: Optional[list] = None,
                 std: Optional[Tensor] = None, heats: Optional[Sequence[float]] = None, margin: int = 1,
                 fallback: str = "bicubic", upper: float = UPPER, lower: float = LOWER) -> SafeSampleResult:
@@ -103,7 +103,7 @@ def safe_sample(flow: SRFlowFamily, lr: Tensor, heat: Optional[float] = None, n_
     Arguments:
         flow: an SRFlow-family flow on ``lr``'s device and dtype.
         lr: LR images y, (B, 3, h, w) in [0, 1].
-        heat: sampling heat (default ``flow.config.heat``).
+        heat: sampling heat (default ``flow.default_heat``).
         n_samples: samples per LR image (rows sample-major, as :func:`~.trace.trace_sampling`).
         generator: the only source of randomness; the latents equal those of ``trace_sampling`` with the same
             arguments, so the unrepaired pixels match it bitwise.

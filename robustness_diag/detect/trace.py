@@ -45,9 +45,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..flows.hcflow import HCFlow, HCFlowStep, _Split, _Squeeze
-from ..flows.layers import InvConv1x1, Split2d, Squeeze
-from ..flows.network import FlowStep, SRFlowFamily
+from ..flows.base import Flow, SamplingPlan
+from ..flows.layers import InvConv1x1
 
 #: Reference artifact thresholds (ARCHITECTURE.md): a channel above / below these values before clamping.
 UPPER = 1.5
@@ -77,37 +76,16 @@ def artifact_masks(image: Tensor, upper: float = UPPER, lower: float = LOWER) ->
     return ~ok.all(dim=1), torch.isnan(image).any(dim=1), torch.isinf(image).any(dim=1)
 
 
-def layer_names(flow) -> dict[int, str]:
-    """Creates human-readable names of a flow's layers, keyed by the reference layer index.
+def layer_names(flow: Flow) -> dict[int, str]:
+    """Creates human-readable names of a flow's layers, keyed by the reference layer index
+    (:meth:`SamplingPlan.layer_names`).
 
     Names: ``"level 2 squeeze"``, ``"level 2 pre-step 1"`` (a step without coupling), ``"level 2 step 3 coupling"``
     (the third coupling step of level 2, 1-based), ``"level 1 split"``. Levels are the trace levels (resolution
     ``HR / 2**level``): SRFlow's own levels, HCFlow's 0-based levels plus one. HCFlow's conditional-flow steps are
     stages of their level's split (:func:`trace_sampling`), not layers.
     """
-    plan = _plan(flow)
-    names, pre, cpl = {}, {}, {}
-    for i, (layer, level) in enumerate(zip(plan.layers, plan.level_of)):
-        kind = _kind(layer)
-        if kind == "coupling":
-            cpl[level] = cpl.get(level, 0) + 1
-            names[i] = f"level {level} step {cpl[level]} coupling"
-        elif kind == "step":
-            pre[level] = pre.get(level, 0) + 1
-            names[i] = f"level {level} pre-step {pre[level]}"
-        else:
-            names[i] = f"level {level} {kind}"
-    return names
-
-
-def _kind(layer) -> str:
-    if isinstance(layer, (Squeeze, _Squeeze)):
-        return "squeeze"
-    if isinstance(layer, (Split2d, _Split)):
-        return "split"
-    if isinstance(layer, (FlowStep, HCFlowStep)) and layer.coupling is not None:
-        return "coupling"
-    return "step"
+    return flow.sampling_plan().layer_names()
 
 
 def _carry(x: Tensor, factor: int) -> Tensor:
@@ -339,103 +317,6 @@ class TraceResult:
         return out
 
 
-class _Plan:
-    """What the recorder needs to know about one flow family's sampling pass.
-
-    ``layers``/``level_of``: the main flow's layers in reference order and their trace levels (resolution
-    ``HR / 2**level``); ``net``: the module owning them (the key of the constant-term cache).
-    """
-
-    def __init__(self, net, level_of: list):
-        self.net, self.layers, self.level_of = net, net.layers, list(level_of)
-
-    def top(self, lr: Tensor, latents: list) -> Tensor:
-        """The tensor the reverse pass starts from, (N, C, h, w)."""
-        raise NotImplementedError
-
-    def stage(self, key, stage: str) -> tuple[int, str]:
-        """``(trace level, stage name)`` of a coupling sub-transform reported through ``tracer_factory(key)``."""
-        return self.level_of[key], stage
-
-    def split_logs(self, layer, z: Tensor) -> Optional[Tensor]:
-        """Per-position log-scale sum of a split prior, from the layer callback's output (None if not a split)."""
-        return None
-
-    def decode(self, flow, lr: Tensor, heat: float, latents: list, std, rec: "_Recorder") -> tuple[Tensor, Tensor]:
-        """Runs ``flow.decode_with_ladj`` with the recorder's hooks; returns ``(x, ladj)``."""
-        return flow.decode_with_ladj(lr, heat, None, latents, std, tracer_factory=rec.tracer_factory,
-                                     layer_callback=rec.layer_callback)
-
-    def constant_steps(self):
-        """``(trace level, step)`` of every step whose ActNorm and 1x1 conv act on the sampling path."""
-        raise NotImplementedError
-
-
-class _SRFlowPlan(_Plan):
-    """SRFlow family (and LLFlow): ``flowUpsamplerNet``; starts from the top latent; Split2d priors on the kept half."""
-
-    def __init__(self, flow: SRFlowFamily):
-        fu = flow.flowUpsamplerNet
-        super().__init__(fu, fu.level_of)
-
-    def top(self, lr, latents):
-        return latents[-1]
-
-    def split_logs(self, layer, z):
-        if not isinstance(layer, Split2d):
-            return None
-        # the prior's log-scale of the sampled half (same conv on the same input as the decode just ran)
-        return layer.prior(z[:, :layer.keep])[1].sum(dim=1)
-
-    def constant_steps(self):
-        return [(lv, layer) for layer, lv in zip(self.layers, self.level_of) if isinstance(layer, FlowStep)]
-
-
-class _HCFlowPlan(_Plan):
-    """HCFlow: main flow ``flow.flow``; trace level = HCFlow level + 1; starts from the LR image. Each split's
-    conditional flow (prior ``a_l = mean + exp(logs) eps_l``, then its coupling steps reversed) is part of the split:
-    its couplings are stages of the split's record (``"condFlow step k coupling"``, k 1-based) and its prior's
-    ``logs`` are taken after the pass from the features the decode returns (one 1x1 conv per level)."""
-
-    def __init__(self, flow: HCFlow):
-        net = flow.flow
-        super().__init__(net, [lv + 1 for lv in net.level_of])
-        self.cond = {}
-        for lv in range(flow.config.L):
-            for k in range(len(net.cond_flow(lv).additional_flow_steps)):
-                self.cond[f"level{lv}_condFlow.additional_flow_steps.{k}"] = (lv + 1, f"condFlow step {k + 1} coupling")
-
-    def top(self, lr, latents):
-        return lr
-
-    def stage(self, key, stage):
-        if isinstance(key, str):
-            level, name = self.cond[key]
-            return level, name if stage == "self" else f"{name}/{stage}"
-        return self.level_of[key], stage
-
-    def decode(self, flow, lr, heat, latents, std, rec):
-        x, ladj, feats = flow.decode_with_ladj(lr, heat, None, latents, std, tracer_factory=rec.tracer_factory,
-                                               layer_callback=rec.layer_callback, return_features=True)
-        for lv in sorted(feats, reverse=True):                         # sampling order: coarsest first
-            rec.add_split_logs(lv + 1, self.net.cond_flow(lv).prior(feats[lv])[1].sum(dim=1))
-        return x, ladj
-
-    def constant_steps(self):
-        out = [(lv, layer) for layer, lv in zip(self.layers, self.level_of) if isinstance(layer, HCFlowStep)]
-        for lv in sorted(set(self.level_of), reverse=True):
-            out += [(lv, step) for step in self.net.cond_flow(lv - 1).additional_flow_steps]
-        return out
-
-
-def _plan(flow) -> _Plan:
-    if isinstance(flow, HCFlow):
-        return _HCFlowPlan(flow)
-    if isinstance(flow, SRFlowFamily) or hasattr(flow, "flowUpsamplerNet"):
-        return _SRFlowPlan(flow)
-    raise TypeError(f"trace_sampling supports SRFlow-family flows and HCFlow, got {type(flow).__name__}")
-
-
 class _Recorder:
     """Hooks for ``decode_with_ladj``: per-stage and per-layer reductions, all on the device.
 
@@ -444,10 +325,10 @@ class _Recorder:
     the layers of one resolution. Without it, everything is folded into running maps inside the loop.
     """
 
-    def __init__(self, flow, plan: _Plan, z_top: Tensor, growth_threshold: float, growth_floor: float,
+    def __init__(self, plan: SamplingPlan, z_top: Tensor, growth_threshold: float, growth_floor: float,
                  keep_layer_maps: bool):
         self.plan = plan
-        self.names = layer_names(flow)
+        self.names = plan.layer_names()
         self.threshold = float(growth_threshold)
         self.floor = float(growth_floor)
         self.keep = keep_layer_maps
@@ -502,7 +383,7 @@ class _Recorder:
             self.add_split_logs(level, logs)
         stages, self.stages = self.stages, {}
         if self.keep:
-            self.records.append(LayerRecord(index, self.names[index], _kind(layer), level, None, None, a, None,
+            self.records.append(LayerRecord(index, self.names[index], self.plan.kind(layer), level, None, None, a, None,
                                             stages))
             return
         prev = self.prev_a
@@ -516,7 +397,7 @@ class _Recorder:
         self.first1 = torch.maximum(self.first1, (~(g <= self.threshold)) * (index + 1))
         self.prev_a = a
         # NaN kept here; finish() counts it as +inf
-        self.records.append(LayerRecord(index, self.names[index], _kind(layer), level, a.flatten(1).amax(dim=1),
+        self.records.append(LayerRecord(index, self.names[index], self.plan.kind(layer), level, a.flatten(1).amax(dim=1),
                                         g.flatten(1).amax(dim=1), None, None, stages))
 
     def finish(self) -> Tensor:
@@ -615,7 +496,7 @@ class _Recorder:
 _CONSTANTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def draw_sample_latents(flow: "SRFlowFamily | HCFlow", lr: Tensor, heat: float, n_samples: int,
+def draw_sample_latents(flow: Flow, lr: Tensor, heat: float, n_samples: int,
                         generator: Optional[torch.Generator]) -> list[Tensor]:
     """Draws latents for ``n_samples`` samples of every LR image, sample-major (row ``s * B + b``).
 
@@ -634,10 +515,10 @@ def replicate_inputs(flow, lr: Tensor, heat: Optional[float], n_samples: int, ge
                      latents: Optional[list], std: Optional[Tensor]) -> tuple[float, Tensor, Optional[Tensor], list]:
     """The inputs of ``n_samples`` samples per LR image in one batch, sample-major (row ``s * B + b``).
 
-    Returns ``(heat, lr_rep, std_rep, latents)``: ``heat`` resolved (None -> ``flow.config.heat``), ``lr``
+    Returns ``(heat, lr_rep, std_rep, latents)``: ``heat`` resolved (None -> ``flow.default_heat``), ``lr``
     (B, 3, h, w) repeated to (n_samples * B, ...), a per-image NCSR ``std`` map repeated likewise (a shared one is
     kept), and the latents: drawn by :func:`draw_sample_latents`, or the given ones after a shape check."""
-    heat = flow.config.heat if heat is None else float(heat)
+    heat = flow.default_heat if heat is None else float(heat)
     b = lr.shape[0]
     lr_rep = lr.repeat(n_samples, 1, 1, 1) if n_samples > 1 else lr
     if std is not None and n_samples > 1 and std.shape[0] == b and b > 1:
@@ -646,12 +527,12 @@ def replicate_inputs(flow, lr: Tensor, heat: Optional[float], n_samples: int, ge
         latents = draw_sample_latents(flow, lr, heat, n_samples, generator)
     else:
         latents = list(latents)
-        flow._check_latents(lr_rep, latents)
+        flow.check_latents(lr_rep, latents)
     return heat, lr_rep, std, latents
 
 
 @torch.no_grad()
-def trace_sampling(flow: "SRFlowFamily | HCFlow", lr: Tensor, heat: Optional[float] = None, n_samples: int = 1,
+def trace_sampling(flow: Flow, lr: Tensor, heat: Optional[float] = None, n_samples: int = 1,
                    generator: Optional[torch.Generator] = None, *, latents: Optional[list] = None,
                    std: Optional[Tensor] = None, upper: float = UPPER, lower: float = LOWER,
                    growth_threshold: float = GROWTH_THRESHOLD, growth_floor: float = GROWTH_FLOOR,
@@ -662,9 +543,9 @@ def trace_sampling(flow: "SRFlowFamily | HCFlow", lr: Tensor, heat: Optional[flo
     ``n_samples=1`` bitwise ``flow.sample(lr, heat, generator)``.
 
     Arguments:
-        flow: an SRFlow-family flow (any coupling, any family) or an HCFlow, on the device and dtype of ``lr``.
+        flow: any :class:`~robustness_diag.flows.base.Flow`, on the device and dtype of ``lr``.
         lr: LR images y, (B, 3, h, w) in [0, 1].
-        heat: latent std (default ``flow.config.heat``); ignored when ``latents`` are given.
+        heat: latent std (default ``flow.default_heat``); ignored when ``latents`` are given.
         n_samples: samples per LR image; rows are sample-major (``s * B + b``).
         generator: the only source of randomness (latents are drawn on its device, then moved: CPU and CUDA agree).
         latents: explicit latents for all ``N = n_samples * B`` rows, in the flow's order (SRFlow family
@@ -694,10 +575,11 @@ def trace_sampling(flow: "SRFlowFamily | HCFlow", lr: Tensor, heat: Optional[flo
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     b = lr.shape[0]
     heat, lr_rep, std, latents = replicate_inputs(flow, lr, heat, n_samples, generator, latents, std)
-    plan = _plan(flow)
-    rec = _Recorder(flow, plan, plan.top(lr_rep, latents), growth_threshold, growth_floor, keep_layer_maps)
-    x, ladj = plan.decode(flow, lr_rep, heat, latents, std, rec)
-    image = x + flow.upsample(lr_rep) if getattr(flow.config, "residual", False) else x
+    plan = flow.sampling_plan()
+    rec = _Recorder(plan, plan.top(lr_rep, latents), growth_threshold, growth_floor, keep_layer_maps)
+    x, ladj = plan.decode(flow, lr_rep, heat, latents, std, rec.tracer_factory, rec.layer_callback,
+                          rec.add_split_logs)
+    image = flow.finish_sample(x, lr_rep)
     attribution = rec.finish()
     # -- the end of the pass: assemble the HR maps (still on the device) --------------------------------------------
     art, nan, inf = artifact_masks(image, upper, lower)
@@ -724,13 +606,7 @@ def trace_sampling(flow: "SRFlowFamily | HCFlow", lr: Tensor, heat: Optional[flo
         names=rec.names,
         settings=dict(heat=heat, n_samples=n_samples, upper=upper, lower=lower, growth_threshold=growth_threshold,
                       growth_floor=growth_floor, coupling=flow.config.coupling,
-                      bound=_coupling_bound(flow)))
-
-
-def _coupling_bound(flow: "SRFlowFamily | HCFlow") -> dict:
-    """The first coupling's ``inverse_slope_bound()`` (every coupling of a flow shares it), or {}."""
-    steps = flow.coupling_steps()
-    return steps[0][2].coupling.inverse_slope_bound() if steps else {}
+                      bound=flow.coupling_bound()))
 
 
 __all__ = ["trace_sampling", "TraceResult", "LayerRecord", "StageRecord", "artifact_masks", "layer_names",

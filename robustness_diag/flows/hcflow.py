@@ -32,12 +32,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Flow, LayerCallback, SamplingPlan, TracerFactory
 from .bijections import gaussian_log_density
 from .config import ConfigDict
 from .couplings import Tracer
@@ -51,8 +52,6 @@ ATAN_GAIN = 0.318
 MAX_LOG_SCALE = ATAN_GAIN * math.pi / 2
 #: ``logs`` of the Gaussian that approximates the Dirac delta on the LR image.
 DIRAC_LOGS = -6.0
-
-LayerCallback = Callable[[int, nn.Module, Tensor], None]
 
 
 @dataclass
@@ -202,7 +201,7 @@ class _Split(nn.Module):
         self.keep, self.level = keep, level
 
 
-class ConditionalFlow(nn.Module):
+class LevelConditionalFlow(nn.Module):
     """``flow.level{l}_condFlow``: conditional feature extractor, prior head ``f`` and conditional steps.
 
     Arguments:
@@ -267,22 +266,21 @@ class HCFlowNet(nn.Module):
                 self._add(HCFlowStep(c, 0, cfg.hidden), level)
             self._add(_Split(keep, level), level)
         for level, (c, keep) in enumerate(cfg.level_channels()):
-            self.add_module(f"level{level}_condFlow", ConditionalFlow(
+            self.add_module(f"level{level}_condFlow", LevelConditionalFlow(
                 c, keep, cfg.L - 1 - level, cfg.n_cond_steps[level], cfg.rrdb_nb, cfg.nf, cfg.gc, cfg.hidden))
 
     def _add(self, layer: nn.Module, level: int) -> None:
         self.layers.append(layer)
         self.level_of.append(level)
 
-    def cond_flow(self, level: int) -> ConditionalFlow:
+    def cond_flow(self, level: int) -> LevelConditionalFlow:
         return getattr(self, f"level{level}_condFlow")
 
 
-class HCFlow(nn.Module):
+class HCFlow(Flow):
     """HCFlow SR: a flow HR <-> (LR, high-frequency latents). Images are NCHW RGB in [0, 1].
 
-    Same method names as :class:`~.network.SRFlowFamily`: ``features``, ``encode``, ``log_prob``, ``decode``,
-    ``decode_with_ladj``, ``sample``, ``latent_shapes``, ``draw_latents``, ``coupling_steps``. Shapes: ``lr`` ``[B, 3,
+    Implements the flow contract (:class:`~.base.Flow`). Shapes: ``lr`` ``[B, 3,
     h, w]``, HR ``[B, 3, s h, s w]`` (s = 4 or 8). Latents are the standardised split-off parts, finest level first:
     ``[eps_0 [B, C_0 - keep_0, sh/2, sw/2], ..., eps_{L-1} [B, 4 keep_{L-2} - 3, h, w]]`` (4X: 6 and 21 channels).
     ``std`` arguments are accepted and ignored. Not defined: a residual output (``upsample`` is only the bicubic
@@ -306,10 +304,6 @@ class HCFlow(nn.Module):
         parts = [z] + [F.interpolate(feats[j], scale_factor=2 ** (j - level), mode="nearest")
                        for j in range(level + 1, self.config.L)]
         return torch.cat(parts, dim=1)
-
-    def upsample(self, lr: Tensor) -> Tensor:
-        """Bicubic x``scale`` upsampling (torch, align_corners False); HCFlow has no residual output."""
-        return F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
 
     # -- density direction -------------------------------------------------------------------------------------------
     def encode(self, x: Tensor, lr: Tensor, std: Optional[Tensor] = None, noise: Optional[Tensor] = None
@@ -373,14 +367,9 @@ class HCFlow(nn.Module):
                 (torch.randn(shapes[i], generator=generator, device=gdev) * heat).to(lr)
         return out
 
-    def _check_latents(self, lr: Tensor, latents: list[Tensor]) -> None:
-        want, got = self.latent_shapes(lr), [tuple(t.shape) for t in latents]
-        if got != want:
-            raise ValueError(f"latents have shapes {got}, expected {want} ([eps_0, ..., eps_{{L-1}}], finest first)")
-
     def decode_with_ladj(self, lr: Tensor, heat: Optional[float] = None, generator: Optional[torch.Generator] = None,
                          latents: Optional[list[Tensor]] = None, std: Optional[Tensor] = None,
-                         tracer_factory: Optional[Callable] = None,
+                         tracer_factory: Optional[TracerFactory] = None,
                          layer_callback: Optional[LayerCallback] = None, *, return_features: bool = False):
         """Reverse pass from ``z = lr``. Returns ``(x [B, 3, H, W] unclamped, log|dx/d(latents)| [B])`` (plus the
         per-level conditional features ``{level: [B, 128, H_l, W_l]}`` with ``return_features``).
@@ -392,7 +381,7 @@ class HCFlow(nn.Module):
             latents = self.draw_latents(lr, heat, generator)
         else:
             self._check_lr(lr)
-            self._check_latents(lr, latents)
+            self.check_latents(lr, latents)
         z = lr
         ladj = lr.new_zeros(lr.shape[0])
         feats: dict[int, Tensor] = {}
@@ -415,16 +404,6 @@ class HCFlow(nn.Module):
                 layer_callback(i, layer, z)
         return (z, ladj, feats) if return_features else (z, ladj)
 
-    def decode(self, lr: Tensor, heat: Optional[float] = None, generator: Optional[torch.Generator] = None,
-               latents: Optional[list[Tensor]] = None, std: Optional[Tensor] = None) -> Tensor:
-        """Raw flow output ``[B, 3, H, W]`` (the reference's reverse pass before its final clamp to [0, 1])."""
-        return self.decode_with_ladj(lr, heat, generator, latents, std)[0]
-
-    def sample(self, lr: Tensor, heat: Optional[float] = None, generator: Optional[torch.Generator] = None,
-               latents: Optional[list[Tensor]] = None, std: Optional[Tensor] = None) -> Tensor:
-        """Final image before clamping (= :meth:`decode`; HCFlow has no residual output)."""
-        return self.decode(lr, heat, generator, latents, std)
-
     def features(self, lr: Tensor) -> dict[str, Tensor]:
         """Conditional-flow features ``{"level{l}_condFlow": [B, 128, s h / 2**(l+1), s w / 2**(l+1)]}``, finest
         first. The coarsest (``l = L-1``, LR resolution) is a function of the LR image alone; the finer ones are taken
@@ -434,7 +413,40 @@ class HCFlow(nn.Module):
         _, _, feats = self.decode_with_ladj(lr, 0.0, None, zeros, return_features=True)
         return {f"level{level}_condFlow": feats[level] for level in range(self.config.L)}
 
+    # -- what the OOD scorer needs -----------------------------------------------------------------------------------
+    def feature_levels(self) -> dict[str, float]:
+        """``{"level{l}_condFlow": scale / 2**(l+1)}``, finest first (4X: ``level0_condFlow`` 2, ``level1_condFlow`` 1)."""
+        c = self.config
+        return {f"level{lv}_condFlow": c.scale / 2 ** (lv + 1) for lv in range(c.L)}
+
+    def feature_channels(self) -> int:
+        """``cat(f1, f2)``: ``2 nf`` channels (128)."""
+        return 2 * int(self.config.nf)
+
+    def receptive_field(self, levels: Sequence[str]) -> int:
+        """``2 + 15 (nb0 + nb1)`` LR pixels for the coarsest level; a finer level adds its own trunk and the coarser
+        level's main and conditional coupling steps (two 3x3 convs each), converted to LR pixels."""
+        c = self.config
+        trunk = 2 + 15 * sum(int(b) for b in c.rrdb_nb)
+        rf = trunk
+        finest = min(int(lv[len("level"):lv.index("_")]) for lv in levels)
+        for lv in range(c.L - 2, finest - 1, -1):
+            r_prev, r = c.scale / 2 ** (lv + 2), c.scale / 2 ** (lv + 1)
+            rf += math.ceil(2 * (c.K[lv + 1] + c.n_cond_steps[lv + 1]) / r_prev) + math.ceil(trunk / r)
+        return rf
+
+    def conditioner_features(self, x: Tensor, levels: Sequence[str]) -> dict[str, Tensor]:
+        """The LR-resolution level alone needs only its own trunk, not a decode; finer levels take :meth:`features`."""
+        top = f"level{self.config.L - 1}_condFlow"
+        if list(levels) == [top]:
+            return {top: self.flow.cond_flow(self.config.L - 1).feature(x)}
+        feats = self.features(x)
+        return {k: feats[k] for k in levels}
+
     # -- introspection -----------------------------------------------------------------------------------------------
+    def sampling_plan(self) -> "HCFlowPlan":
+        return HCFlowPlan(self)
+
     def coupling_steps(self) -> list[tuple[int, int, HCFlowStep]]:
         """``(layer_index, level, step)`` for the main-flow steps (``level`` 1-based, 1 = finest, as SRFlow's)."""
         return [(i, self.flow.level_of[i] + 1, l) for i, l in enumerate(self.flow.layers) if isinstance(l, HCFlowStep)]
@@ -450,6 +462,50 @@ class HCFlow(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"family=hcflow, scale={c.scale}, L={c.L}, K={c.K}, n_cond_steps={c.n_cond_steps}, rrdb_nb={c.rrdb_nb}"
+
+
+class HCFlowPlan(SamplingPlan):
+    """HCFlow: main flow ``flow.flow``; trace level = HCFlow level + 1; starts from the LR image. Each split's
+    conditional flow (prior ``a_l = mean + exp(logs) eps_l``, then its coupling steps reversed) is part of the split:
+    its couplings are stages of the split's record (``"condFlow step k coupling"``, k 1-based) and its prior's
+    ``logs`` are taken after the pass from the features the decode returns (one 1x1 conv per level)."""
+
+    def __init__(self, flow: HCFlow):
+        net = flow.flow
+        super().__init__(net, net.layers, [lv + 1 for lv in net.level_of])
+        self.cond = {}
+        for lv in range(flow.config.L):
+            for k in range(len(net.cond_flow(lv).additional_flow_steps)):
+                self.cond[f"level{lv}_condFlow.additional_flow_steps.{k}"] = (lv + 1, f"condFlow step {k + 1} coupling")
+
+    def top(self, lr, latents):
+        return lr
+
+    def kind(self, layer):
+        if isinstance(layer, _Squeeze):
+            return "squeeze"
+        if isinstance(layer, _Split):
+            return "split"
+        return "coupling"
+
+    def stage(self, key, stage):
+        if isinstance(key, str):
+            level, name = self.cond[key]
+            return level, name if stage == "self" else f"{name}/{stage}"
+        return self.level_of[key], stage
+
+    def decode(self, flow, lr, heat, latents, std, tracer_factory, layer_callback, add_split_logs):
+        x, ladj, feats = flow.decode_with_ladj(lr, heat, None, latents, std, tracer_factory=tracer_factory,
+                                               layer_callback=layer_callback, return_features=True)
+        for lv in sorted(feats, reverse=True):                         # sampling order: coarsest first
+            add_split_logs(lv + 1, self.net.cond_flow(lv).prior(feats[lv])[1].sum(dim=1))
+        return x, ladj
+
+    def constant_steps(self):
+        out = [(lv, layer) for layer, lv in zip(self.layers, self.level_of) if isinstance(layer, HCFlowStep)]
+        for lv in sorted(set(self.level_of), reverse=True):
+            out += [(lv, step) for step in self.net.cond_flow(lv - 1).additional_flow_steps]
+        return out
 
 
 # -- reading the layout from a state_dict -----------------------------------------------------------------------------

@@ -31,18 +31,18 @@ reference API; here it draws ``z = squeeze8(color_map) + heat * N(0, I)``, the p
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.lowlight import lowlight_condition
+from ..data.lowlight import darken, lowlight_condition
+from .base import LayerCallback, TracerFactory
 from .bijections import gaussian_log_density
 from .config import FlowConfig
-from .couplings import Tracer
 from .layers import LevelCondition, Split2d, squeeze2d
-from .network import FlowStep, FlowUpsamplerNet, LayerCallback, SRFlowFamily
+from .network import FlowStep, FlowUpsamplerNet, SRFlowFamily
 from .rrdb import RRDB
 
 #: Level -> feature key for LLFlow (reference ``levelToName`` for scale 1); level l runs at H / 2**l.
@@ -134,9 +134,8 @@ class ConEncoder1(nn.Module):
 class LLFlow(SRFlowFamily):
     """LLFlow: a conditional flow p(normal-light image | dark image) at scale 1. Images are NCHW RGB in [0, 1].
 
-    Same method names and signatures as :class:`SRFlowFamily` (``features``, ``encode``, ``log_prob``, ``decode``,
-    ``decode_with_ladj``, ``sample``, ``draw_latents``, ``latent_shapes``, ``coupling_steps``), so the samplers and
-    tracers of the toolkit work unchanged. Differences:
+    Implements the flow contract (:class:`~.base.Flow`) through :class:`SRFlowFamily`, whose layer plan and sampling
+    plan it shares. Differences:
 
     * ``lr`` is either the dark image ``[B, 3, H, W]`` in [0, 1] (preprocessed internally with
       :func:`~robustness_diag.data.lowlight.lowlight_condition`) or that function's ``[B, 6, H, W]`` output. ``H`` and
@@ -172,6 +171,22 @@ class LLFlow(SRFlowFamily):
         ``[B, C, H/4, W/4]``, ``fea_up0`` ``[B, C, H/8, W/8]`` with ``C = cond_channels`` (320; smallNet 64)."""
         feats = self._conditioning(lr)
         return {k: feats[k] for k in self.level_names.values()}
+
+    def conditioner_features(self, x: Tensor, levels: Sequence[str]) -> dict[str, Tensor]:
+        """Only the levels asked for, from the 6-channel preprocessed input (or the dark image)."""
+        feats = self.RRDB.conditioning(self.condition_input(x), tuple(levels))
+        return {k: feats[k] for k in levels}
+
+    def receptive_field(self, levels: Sequence[str]) -> int:
+        """Colour-map gradient, two full-resolution convs and the 2x2 max-pool (4), the trunk at half resolution
+        (``2 (15 nb + 1)``), then 6 for ``fea_up1`` (bilinear 1/2 + conv at 1/4) and 12 more for ``fea_up0``."""
+        ratios = self.feature_levels()
+        deepest = min(ratios[lv] for lv in levels)
+        return 4 + 2 * (15 * int(self.config.nb) + 1) + (6 if deepest <= 0.25 else 0) + (12 if deepest <= 0.125 else 0)
+
+    def input_domain(self, photos: Tensor) -> Tensor:
+        """The documented synthetic darkening (:func:`robustness_diag.data.lowlight.darken`) of clean photos."""
+        return darken(photos)
 
     def color_map(self, lr: Tensor) -> Tensor:
         """The predicted colour map ``[B, 3, H, W]`` in (0, 1), whose factor-8 squeeze is the prior mean."""
@@ -231,7 +246,7 @@ class LLFlow(SRFlowFamily):
 
     def decode_with_ladj(self, lr: Tensor, heat: Optional[float] = None, generator: Optional[torch.Generator] = None,
                          latents: Optional[list[Tensor]] = None, std: Optional[Tensor] = None,
-                         tracer_factory: Optional[Callable[[int], Tracer]] = None,
+                         tracer_factory: Optional[TracerFactory] = None,
                          layer_callback: Optional[LayerCallback] = None) -> tuple[Tensor, Tensor]:
         """Reverse pass; returns ``(x [B, 3, H, W], log|dx/dz| [B])``. ``latents=[z]`` is used as is; otherwise
         ``z = squeeze8(color_map) + heat * N(0, I)`` (heat default ``config.heat`` = 0: the reference output).
@@ -242,7 +257,7 @@ class LLFlow(SRFlowFamily):
             self._check_latent_prior()
             z = self._prior_draw(mean, heat, generator)
         else:
-            self._check_latents(lr, latents)
+            self.check_latents(lr, latents)
             z = latents[-1]
         ladj = z.new_zeros(z.shape[0])
         layers = self.flowUpsamplerNet.layers

@@ -1,4 +1,4 @@
-"""``load_flow``: own ``.safetensors``, third-party ``.pth`` state_dicts and bundled flows -> a ready SRFlowFamily.
+"""``load_flow``: own ``.safetensors``, third-party ``.pth`` state_dicts and bundled flows -> a ready :class:`~.base.Flow`.
 
 ``flow.info`` records where every setting came from: ``inferred`` (from weights), ``defaulted`` (per-variant reference
 default, weights cannot tell), ``config`` (the user's YAML), ``metadata`` (own checkpoint header) or ``heuristic``.
@@ -17,6 +17,7 @@ from .checkpoint import RawCheckpoint, read_checkpoint
 from .config import NON_INFERABLE, FlowConfig
 from .detection import Detection, defaults_for, detect_family, infer_architecture, infer_std_steps
 from .errors import ArchitectureMismatchError, CheckpointError, ConfigError, UnsupportedFlowError
+from .base import Flow
 from .network import SRFlowFamily
 from .yaml_config import apply_overrides, read_yaml_overrides
 
@@ -42,7 +43,7 @@ def bundled_path(name: str) -> Path:
     return path
 
 
-def load_flow(path_or_name, config=None, device=None, *, residual: Optional[bool] = None) -> SRFlowFamily:
+def load_flow(path_or_name, config=None, device=None, *, residual: Optional[bool] = None) -> Flow:
     """Loads a flow for auditing: eval mode, float32, on ``device`` (default CPU).
 
     Arguments:
@@ -82,7 +83,7 @@ def _device(device) -> torch.device:
     return torch.device(device)
 
 
-def _from_own(raw: RawCheckpoint, config) -> SRFlowFamily:
+def _from_own(raw: RawCheckpoint, config) -> Flow:
     meta = raw.metadata
     if isinstance(meta.get("config"), dict) and meta["config"].get("family") == "hcflow":
         return _hcflow_from_own(raw, config)
@@ -106,7 +107,7 @@ def _from_own(raw: RawCheckpoint, config) -> SRFlowFamily:
     return flow
 
 
-def _from_third_party(raw: RawCheckpoint, config, residual) -> SRFlowFamily:
+def _from_third_party(raw: RawCheckpoint, config, residual) -> Flow:
     det = detect_family(raw.state.keys())
     if det.family == "hcflow":
         return _hcflow_from_third_party(raw, config, det)
@@ -310,7 +311,7 @@ def residual_heuristic(flow: SRFlowFamily) -> tuple[Optional[bool], str]:
                          f"{'residual' if is_residual else 'full image'}")
 
 
-def save_flow(flow: SRFlowFamily, path, provenance: Optional[dict] = None, variant: Optional[str] = None) -> Path:
+def save_flow(flow: Flow, path, provenance: Optional[dict] = None, variant: Optional[str] = None) -> Path:
     """Writes an own checkpoint: ``.safetensors`` with the FlowConfig and provenance JSON in the header, atomically."""
     from safetensors.torch import save_file
     path = Path(path)

@@ -12,19 +12,18 @@ Latents are listed in encode order ``[eps_split_1, eps_split_2, ..., z_top]``; h
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Flow, LayerCallback, SamplingPlan, TracerFactory
 from .bijections import gaussian_log_density
 from .config import COUPLING_ATTR, FlowConfig
 from .couplings import CondAffineCoupling, CondRQSplineCoupling, Tracer
 from .layers import ActNorm2d, FlowLayer, FrozenInvConv1x1, InvConv1x1, LevelCondition, Split2d, Squeeze
 from .rrdb import LEVEL_TO_NAME, RRDBNet
-
-LayerCallback = Callable[[int, nn.Module, Tensor], None]
 
 
 class FlowStep(FlowLayer):
@@ -100,7 +99,7 @@ def _make_coupling(cfg: FlowConfig, channels: int, use_std: bool) -> FlowLayer:
     return CondAffineCoupling(channels, eps=cfg.eps, reparam=cfg.coupling == "affine_reparam", **common)
 
 
-class SRFlowFamily(nn.Module):
+class SRFlowFamily(Flow):
     """A conditional flow p(HR | LR) of the SRFlow family. Images are NCHW RGB in [0, 1].
 
     Arguments:
@@ -125,6 +124,29 @@ class SRFlowFamily(nn.Module):
         ``name`` is the reference key (4X: ``fea_up2`` at 2x LR, ``fea_up1`` at LR, ``fea_up0`` at LR/2)."""
         self._check_lr(lr)
         return self.RRDB.conditioning(lr, tuple(self.level_names[l] for l in range(1, self.config.L + 1)))
+
+    def feature_levels(self) -> dict[str, float]:
+        """``{level_names[l]: scale / 2**l}`` for ``l = 1..L`` (4X: ``fea_up2`` 2, ``fea_up1`` 1, ``fea_up0`` 0.5)."""
+        return {self.level_names[lv]: self.config.scale / 2 ** lv for lv in range(1, self.config.L + 1)}
+
+    def feature_channels(self) -> int:
+        """``cond_channels``: the level feature plus the stacked trunk blocks (320 for SRFlow)."""
+        return int(self.config.cond_channels)
+
+    def receptive_field(self, levels: Sequence[str]) -> int:
+        """RRDB: ``conv_first`` + ``nb`` blocks of 3 dense blocks of 5 3x3 convs + ``trunk_conv`` = ``2 + 15 nb`` LR
+        pixels; each upsampling conv adds at most one LR pixel; the half-resolution level's 2x2 averaging adds one."""
+        ratios = self.feature_levels()
+        extra = 0
+        for lv in levels:
+            r = ratios[lv]
+            extra = max(extra, 1 if r < 1 else int(round(math.log2(r))))
+        return 2 + 15 * int(self.config.nb) + extra
+
+    def conditioner_features(self, x: Tensor, levels: Sequence[str]) -> dict[str, Tensor]:
+        """Only the RRDB outputs ``levels`` need (no size check: pad first)."""
+        feats = self.RRDB.conditioning(x, tuple(levels))
+        return {k: feats[k] for k in levels}
 
     def _level_conditions(self, lr: Tensor, std: Optional[Tensor]) -> dict[int, LevelCondition]:
         feats = self.features(lr)
@@ -159,11 +181,6 @@ class SRFlowFamily(nn.Module):
             need = m // math.gcd(m, self.config.scale)
             raise ValueError(f"LR size {lr.shape[2]}x{lr.shape[3]} is not divisible by {need}: this {self.config.scale}X "
                              f"flow with L={self.config.L} levels needs HR divisible by {m} (pad the LR first)")
-
-    # -- residual output ---------------------------------------------------------------------------------------------
-    def upsample(self, lr: Tensor) -> Tensor:
-        """Bicubic x``scale`` upsampling (torch, align_corners False, no antialias), as the references' test scripts."""
-        return F.interpolate(lr, scale_factor=self.config.scale, mode="bicubic", align_corners=False)
 
     # -- density direction -------------------------------------------------------------------------------------------
     def encode(self, x: Tensor, lr: Tensor, std: Optional[Tensor] = None) -> tuple[list[Tensor], Tensor]:
@@ -225,21 +242,9 @@ class SRFlowFamily(nn.Module):
                 out[i] = (torch.randn(shapes[i], generator=generator, device=gdev) * heat).to(lr)
         return out
 
-    def decode(self, lr: Tensor, heat: Optional[float] = None, generator: Optional[torch.Generator] = None,
-               latents: Optional[list[Tensor]] = None, std: Optional[Tensor] = None) -> Tensor:
-        """Raw flow output ``[B, 3, H, W]``, exactly as the reference's reverse pass (no clamp, no add-back).
-
-        Arguments:
-            lr: ``[B, 3, h, w]`` in [0, 1].
-            heat: latent std (default ``config.heat``); ignored when ``latents`` are given.
-            generator: the only source of randomness.
-            latents: explicit ``[eps_split_1, ..., z_top]`` (as returned by :meth:`encode`).
-        """
-        return self.decode_with_ladj(lr, heat, generator, latents, std)[0]
-
     def decode_with_ladj(self, lr: Tensor, heat: Optional[float] = None, generator: Optional[torch.Generator] = None,
                          latents: Optional[list[Tensor]] = None, std: Optional[Tensor] = None,
-                         tracer_factory: Optional[Callable[[int], Tracer]] = None,
+                         tracer_factory: Optional[TracerFactory] = None,
                          layer_callback: Optional[LayerCallback] = None) -> tuple[Tensor, Tensor]:
         """:meth:`decode` that also returns ``log|det dx/d(latents)|`` of the sampling map, [B] (coupling, 1x1 conv and
         ActNorm inverses plus the split priors' ``exp(logs)`` scaling of their latents).
@@ -251,7 +256,7 @@ class SRFlowFamily(nn.Module):
         if latents is None:
             latents = self.draw_latents(lr, heat, generator)
         else:
-            self._check_latents(lr, latents)
+            self.check_latents(lr, latents)
         latents = list(latents)
         conds = self._level_conditions(lr, std)
         z = latents.pop()
@@ -272,21 +277,6 @@ class SRFlowFamily(nn.Module):
                 layer_callback(i, layer, z)
         return z, ladj
 
-    def _check_latents(self, lr: Tensor, latents: list[Tensor]) -> None:
-        want = self.latent_shapes(lr)
-        got = [tuple(t.shape) for t in latents]
-        if got != want:
-            raise ValueError(f"latents have shapes {got}, expected {want} ([eps_split_1, ..., z_top])")
-
-    def sample(self, lr: Tensor, heat: Optional[float] = None, generator: Optional[torch.Generator] = None,
-               latents: Optional[list[Tensor]] = None, std: Optional[Tensor] = None) -> Tensor:
-        """Final image ``[B, 3, H, W]`` before clamping: the decode output, plus ``bicubic_up(lr)`` for residual flows.
-
-        Apply the artifact criterion (> 1.5, < -0.5, non-finite) to this tensor; clamp to [0, 1] only for display.
-        """
-        x = self.decode(lr, heat, generator, latents, std)
-        return x + self.upsample(lr) if self.config.residual else x
-
     # -- introspection -----------------------------------------------------------------------------------------------
     def coupling_steps(self) -> list[tuple[int, int, FlowStep]]:
         """``(layer_index, level, step)`` for every step that has a coupling."""
@@ -294,9 +284,40 @@ class SRFlowFamily(nn.Module):
         return [(i, fu.level_of[i], l) for i, l in enumerate(fu.layers)
                 if isinstance(l, FlowStep) and l.coupling is not None]
 
+    def sampling_plan(self) -> "SRFlowPlan":
+        return SRFlowPlan(self)
+
     def extra_repr(self) -> str:
         c = self.config
         return f"family={c.family}, coupling={c.coupling}, scale={c.scale}, L={c.L}, K={c.K}"
+
+
+class SRFlowPlan(SamplingPlan):
+    """SRFlow family (and LLFlow): ``flowUpsamplerNet.layers``; trace level = the flow's level; the pass starts from
+    the top latent; a Split2d's prior scales the sampled half by ``exp(logs)``."""
+
+    def __init__(self, flow: SRFlowFamily):
+        fu = flow.flowUpsamplerNet
+        super().__init__(fu, fu.layers, fu.level_of)
+
+    def top(self, lr, latents):
+        return latents[-1]
+
+    def kind(self, layer):
+        if isinstance(layer, Squeeze):
+            return "squeeze"
+        if isinstance(layer, Split2d):
+            return "split"
+        return "coupling" if isinstance(layer, FlowStep) and layer.coupling is not None else "step"
+
+    def split_logs(self, layer, z):
+        if not isinstance(layer, Split2d):
+            return None
+        # the prior's log-scale of the sampled half (same conv on the same input as the decode just ran)
+        return layer.prior(z[:, :layer.keep])[1].sum(dim=1)
+
+    def constant_steps(self):
+        return [(lv, layer) for layer, lv in zip(self.layers, self.level_of) if isinstance(layer, FlowStep)]
 
 
 def build_flow(config: FlowConfig) -> SRFlowFamily:

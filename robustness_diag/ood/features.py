@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..flows.base import Flow
 from ..data.tiling import crop_to, iter_tiled, pad_to_multiple, plan_tiles, tiled_map
 from .gaussian import GaussianAccumulator
 from .scorer import MahalanobisScorer
@@ -29,8 +30,6 @@ from .scorer import MahalanobisScorer
 DEFAULT_LEVEL = "fea_up1"
 MAX_AUTO_MARGIN = 96
 DEFAULT_TILE = 256
-#: Channels of HCFlow's conditional-flow features ``cat(f1, f2)`` per ``nf``.
-_HCFLOW_FEATURE_WIDTH = 2
 
 
 def _parse_ratio(level: str) -> float:
@@ -40,26 +39,15 @@ def _parse_ratio(level: str) -> float:
     return 0.5 if k == 0 else float(k)
 
 
-def feature_levels(flow) -> dict[str, float]:
-    """The flow's conditioning feature levels, finest first: ``{name: resolution / input resolution}``.
-
-    * SRFlow family (scale ``s``, levels ``l = 1..L``): ``flow.level_names[l]`` at ratio ``s / 2**l`` (4X:
-      ``fea_up2`` 2, ``fea_up1`` 1, ``fea_up0`` 0.5);
-    * LLFlow (scale 1): the same rule gives ``fea_up2`` 1/2, ``fea_up1`` 1/4, ``fea_up0`` 1/8 of the dark image;
-    * HCFlow (levels ``l = 0..L-1``): ``level{l}_condFlow`` at ratio ``s / 2**(l+1)`` (4X: level0 2, level1 1).
-    """
-    c = flow.config
-    if getattr(c, "family", None) == "hcflow":
-        return {f"level{lv}_condFlow": c.scale / 2 ** (lv + 1) for lv in range(c.L)}
-    return {flow.level_names[lv]: c.scale / 2 ** lv for lv in range(1, c.L + 1)}
+def feature_levels(flow: Flow) -> dict[str, float]:
+    """The flow's conditioning feature levels, finest first: ``{name: resolution / input resolution}``
+    (:meth:`Flow.feature_levels`; 4X SR: ``fea_up2`` 2, ``fea_up1`` 1, ``fea_up0`` 0.5)."""
+    return flow.feature_levels()
 
 
-def feature_channels(flow) -> int:
-    """Channels of every feature level (SRFlow family: ``cond_channels``; HCFlow: ``2 nf`` = 128)."""
-    c = flow.config
-    if getattr(c, "family", None) == "hcflow":
-        return _HCFLOW_FEATURE_WIDTH * int(c.nf)
-    return int(c.cond_channels)
+def feature_channels(flow: Flow) -> int:
+    """Channels of every feature level (:meth:`Flow.feature_channels`)."""
+    return flow.feature_channels()
 
 
 def level_ratio(level: str, flow=None) -> float:
@@ -78,11 +66,9 @@ def available_levels(flow) -> list[str]:
     return list(feature_levels(flow))
 
 
-def default_level(flow) -> str:
-    """The level closest to the input resolution (finer on ties): ``fea_up1`` (LR) for SR flows, ``fea_up2``
-    (half resolution) for LLFlow, ``level{L-1}_condFlow`` (LR) for HCFlow."""
-    levels = feature_levels(flow)
-    return min(levels, key=lambda k: (abs(math.log2(levels[k])), -levels[k]))
+def default_level(flow: Flow) -> str:
+    """The level closest to the input resolution (finer on ties; :meth:`Flow.default_feature_level`)."""
+    return flow.default_feature_level()
 
 
 def resolve_levels(flow, levels: Optional[Sequence[str]]) -> list[str]:
@@ -93,8 +79,8 @@ def resolve_levels(flow, levels: Optional[Sequence[str]]) -> list[str]:
     out = []
     for lv in levels:
         if lv not in avail:
-            raise ValueError(f"feature level {lv!r} is not used by this {flow.config.scale}X "
-                             f"{getattr(flow.config, 'family', '')} flow; choose from {', '.join(avail)}")
+            raise ValueError(f"feature level {lv!r} is not used by this {flow.scale}X {flow.family} flow; "
+                             f"choose from {', '.join(avail)}")
         if lv not in out:
             out.append(lv)
     return out
@@ -130,11 +116,10 @@ def parse_channels(spec, n_channels: int) -> Optional[list[int]]:
     return None if out == list(range(n_channels)) else out
 
 
-def lr_alignment(flow, levels: Sequence[str]) -> int:
-    """Input sizes and tile offsets must be multiples of this: the flow's divisibility (``2**L / gcd(2**L, scale)``),
-    and ``1/r`` for a level of ratio ``r < 1``."""
-    m = 2 ** flow.config.L
-    need = m // math.gcd(m, flow.config.scale)
+def lr_alignment(flow: Flow, levels: Sequence[str]) -> int:
+    """Input sizes and tile offsets must be multiples of this: the flow's :meth:`Flow.input_alignment`, and ``1/r``
+    for a level of ratio ``r < 1``."""
+    need = flow.input_alignment()
     for lv in levels:
         r = level_ratio(lv, flow)
         if r < 1:
@@ -143,51 +128,18 @@ def lr_alignment(flow, levels: Sequence[str]) -> int:
     return max(1, need)
 
 
-def receptive_field(flow, levels: Sequence[str]) -> int:
-    """Receptive-field radius in input pixels of the conditioner features at ``levels`` (counted 3x3 convs).
-
-    * SR RRDB: ``conv_first`` + ``nb`` blocks of 3 dense blocks of 5 3x3 convs + ``trunk_conv`` = ``2 + 15 nb``;
-      each upsampling conv adds at most one LR pixel; the half-resolution level's 2x2 averaging adds one.
-    * LLFlow: colour-map gradient, two full-resolution convs and the 2x2 max-pool (4), the trunk at half resolution
-      (``2 (15 nb + 1)``), then 6 for ``fea_up1`` (bilinear 1/2 + conv at 1/4) and 12 more for ``fea_up0``.
-    * HCFlow: ``2 + 15 (nb0 + nb1)`` at LR for the coarsest level; a finer level adds its own trunk and the
-      coarser level's main and conditional coupling steps (two 3x3 convs each), converted to LR pixels.
-    """
-    c = flow.config
-    family = getattr(c, "family", None)
-    ratios = [level_ratio(lv, flow) for lv in levels]
-    if family == "llflow":
-        deepest = min(ratios)
-        return 4 + 2 * (15 * int(c.nb) + 1) + (6 if deepest <= 0.25 else 0) + (12 if deepest <= 0.125 else 0)
-    if family == "hcflow":
-        trunk = 2 + 15 * sum(int(b) for b in c.rrdb_nb)
-        rf, coarsest = trunk, c.L - 1
-        finest = min(int(lv[len("level"):lv.index("_")]) for lv in levels)
-        for lv in range(coarsest - 1, finest - 1, -1):
-            r_prev, r = c.scale / 2 ** (lv + 2), c.scale / 2 ** (lv + 1)
-            rf += math.ceil(2 * (c.K[lv + 1] + c.n_cond_steps[lv + 1]) / r_prev) + math.ceil(trunk / r)
-        return rf
-    extra = 0
-    for r in ratios:
-        extra = max(extra, 1 if r < 1 else int(round(math.log2(r))))
-    return 2 + 15 * int(c.nb) + extra
+def receptive_field(flow: Flow, levels: Sequence[str]) -> int:
+    """Receptive-field radius in input pixels of the conditioner features at ``levels`` (counted 3x3 convs; each
+    family documents its count in :meth:`Flow.receptive_field`)."""
+    return flow.receptive_field(levels)
 
 
-def conditioner_features(flow, lr: torch.Tensor, levels: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{level: [B, C, h*r, w*r]}`` for the input ``lr`` ``[B, 3, h, w]`` (LLFlow: also its 6-channel preprocessed
-    form); equals ``flow.features(lr)`` on those levels but computes only what they need (no check of the size: pad
-    first). LLFlow's preprocessing is global (histogram equalisation): tiled callers pass the preprocessed image."""
-    if lr.shape[1] == 3 and hasattr(flow, "condition_input"):
-        lr = flow.condition_input(lr)
-    c = flow.config
-    if getattr(c, "family", None) == "hcflow":
-        top = f"level{c.L - 1}_condFlow"
-        if list(levels) == [top]:      # the LR-resolution level needs only its own trunk, not a decode
-            return {top: flow.flow.cond_flow(c.L - 1).feature(lr)}
-    rrdb = getattr(flow, "RRDB", None)
-    feats = rrdb.conditioning(lr, tuple(levels)) if rrdb is not None and hasattr(rrdb, "conditioning") \
-        else flow.features(lr)
-    return {k: feats[k] for k in levels}
+def conditioner_features(flow: Flow, lr: torch.Tensor, levels: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{level: [B, C, h*r, w*r]}`` for the input ``lr`` ``[B, 3, h, w]`` (or its preprocessed form); equals
+    ``flow.features(lr)`` on those levels but computes only what they need (no check of the size: pad first).
+    Preprocessing (:meth:`Flow.condition_input`) may be global (LLFlow's histogram equalisation): tiled callers
+    preprocess the whole image first and pass the result, which is left as it is."""
+    return flow.conditioner_features(flow.condition_input(lr), levels)
 
 
 @dataclass
@@ -215,7 +167,7 @@ class FeatureExtractor:
     """Binds a flow and :class:`FeatureOptions`: padded, tiled feature extraction for one LR image at a time.
 
     Arguments:
-        flow: an SRFlow-family flow (``flow.features`` / ``flow.RRDB.conditioning``); used in eval mode, no grad.
+        flow: any :class:`~robustness_diag.flows.base.Flow`; used in eval mode, no grad.
         options: :class:`FeatureOptions`.
     """
 
@@ -262,8 +214,7 @@ class FeatureExtractor:
         p = next(self.flow.parameters())
         lr = lr.to(device=p.device, dtype=p.dtype)
         x, size = pad_to_multiple(lr, self.align, self.options.pad_mode)
-        if hasattr(self.flow, "condition_input"):   # LLFlow: global preprocessing before tiling
-            x = self.flow.condition_input(x)
+        x = self.flow.condition_input(x)            # global preprocessing (LLFlow) before tiling
         return x, size
 
     def _tiles(self, hp: int, wp: int):
@@ -363,8 +314,8 @@ def fit_flow(flow, images: Iterable[torch.Tensor], options: Optional[FeatureOpti
     for img in images:
         accumulate(ex, accs, img)
         n_images += 1
-    m = {"checkpoint_digest": weights_digest(flow), "flow_scale": int(flow.config.scale),
-         "flow_family": flow.config.family, "flow_coupling": flow.config.coupling, "n_images": n_images,
+    m = {"checkpoint_digest": weights_digest(flow), "flow_scale": flow.scale,
+         "flow_family": flow.family, "flow_coupling": flow.config.coupling, "n_images": n_images,
          "features": ex.describe()}
     m.update(meta or {})
     return MahalanobisScorer.from_accumulators(

@@ -72,7 +72,7 @@ def _table(path: Path, key: str, out: dict) -> None:
             _flatten({k: v for k, v in row.items() if k not in VOLATILE}, f"{key}:{name}", out)
 
 
-def snapshot(work: Path, skip_audit: bool) -> dict:
+def snapshot(work: Path, skip_audit: bool, only_audit: bool = False) -> dict:
     out: dict = {}
     imgs = work / "images"
     _images(imgs)
@@ -80,7 +80,7 @@ def snapshot(work: Path, skip_audit: bool) -> dict:
         _cli("audit", "--out", str(work / "audit"), "--restart")
         for name in ("audit.json", "metrics.json"):
             _flatten(json.loads((work / "audit" / name).read_text()), name, out)
-    for flow in ("sr4x_affine", "sr4x_rqspline"):
+    for flow in () if only_audit else ("sr4x_affine", "sr4x_rqspline"):
         d = work / flow
         _cli("fit", f"bundled:{flow}", "--images", str(imgs), "--from-hr", "--out", str(d / "stats.safetensors"))
         _cli("score", f"bundled:{flow}", "--stats", str(d / "stats.safetensors"), "--images", str(imgs),
@@ -109,12 +109,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path, help="snapshot JSON to write")
     p.add_argument("--compare", type=Path, help="an earlier snapshot to compare with")
     p.add_argument("--skip-audit", action="store_true", help="only fit/score/sample (seconds instead of a minute)")
+    p.add_argument("--only-audit", action="store_true", help="only the main job's audit.json and metrics.json")
     a = p.parse_args(argv)
-    snap = snapshot(a.work, a.skip_audit)
+    snap = snapshot(a.work, a.skip_audit, a.only_audit)
     a.out.write_text(json.dumps(snap, indent=1, sort_keys=True))
     print(f"{len(snap)} values -> {a.out}")
     if a.compare:
-        diffs = compare(json.loads(a.compare.read_text()), snap)
+        old = json.loads(a.compare.read_text())
+        if a.skip_audit or a.only_audit:        # compare only the parts that ran
+            old = {k: v for k, v in old.items() if k.startswith(("audit.json", "metrics.json")) == a.only_audit}
+        diffs = compare(old, snap)
         print(f"{len(diffs)} differences from {a.compare}")
         for d in diffs[:200]:
             print("  " + d)

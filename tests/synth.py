@@ -2,7 +2,7 @@
 
 Independent of the ``robustness_diag`` package on purpose: it is the test oracle. The manifests in
 ``tests/fixtures/manifests/<name>.tsv.gz`` hold one ``key<TAB>shape`` line per tensor in ``state_dict``
-order (shape ``64x3x3x3``). See ``/work/shared/reference/checkpoint-formats.md`` §1-3, 7-9.
+order (shape ``64x3x3x3``); ``flows/test_reference_exactness.py`` checks the result against the original code.
 
 Typical use::
 
@@ -444,7 +444,7 @@ def write_yaml_config(path, base: Optional[dict] = None, **fields) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# reduction of HCFlow layouts (prefix ``flow.``; checkpoint-formats.md section 5)
+# reduction of HCFlow layouts (prefix ``flow.``; manifests ``SR_*_HCFlow.tsv.gz``)
 # ----------------------------------------------------------------------------------------------
 
 _HC_MAIN_RE = re.compile(r"^flow\.layers\.(\d+)\.(.*)$")
@@ -457,7 +457,7 @@ def reduce_hcflow_manifest(entries: Sequence[Entry], K: int = 2, n_cond: int = 1
     ``[squeeze][K steps][split]`` (squeeze and split keep an index without keys), key order and shapes unchanged.
     The matching upstream options: ``flowDownsampler.K = K + n_cond``, ``splitOff.after_flowstep = [n_cond] * L``,
     ``splitOff.RRDB_nb = [rrdb_nb, rrdb_nb]``."""
-    from robustness_diag.flows.hcflow import consecutive_runs
+    from robustness_diag.flows.recognition import consecutive_runs
 
     runs = consecutive_runs(sorted({int(m.group(1)) for key, _ in entries for m in [_HC_MAIN_RE.match(key)] if m}))
     mapping: dict[int, int] = {}
@@ -490,7 +490,8 @@ def small_llflow_checkpoint(path, seed: int = 3) -> Path:
 
 
 def small_hcflow_checkpoint(path, seed: int = 3) -> Path:
-    """A reduced 4X HCFlow (``K=2``, one conditional step, one RRDB per trunk) with random weights, as a raw ``.pth``."""
+    """A reduced 4X HCFlow (``K=2``, one conditional step, one RRDB per trunk) with random weights, as a raw
+    ``.pth``."""
     sd = build_state_dict(reduce_hcflow_manifest(read_manifest("SR_DF2K_4X_HCFlow"), K=2, n_cond=1, rrdb_nb=1),
                           seed=seed)
     return write_variant(sd, Path(path), "raw")

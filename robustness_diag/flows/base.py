@@ -187,7 +187,8 @@ class Flow(nn.Module, abc.ABC):
     # -- what the OOD scorer needs ---------------------------------------------------------------------------------
     @abc.abstractmethod
     def feature_levels(self) -> dict[str, float]:
-        """The conditioner's feature levels, finest first: ``{name: resolution / input resolution}``."""
+        """The conditioner's feature levels, finest first: ``{name: resolution / input resolution}``. Names are
+        identifiers that are not ``nn.Module`` attributes (the scorer keys its statistics by them)."""
 
     @abc.abstractmethod
     def feature_channels(self) -> int:

@@ -1,4 +1,5 @@
-"""Architecture configuration of an SRFlow-family flow, and the per-variant defaults for what weights cannot tell."""
+"""Architecture configurations of the flow families (:class:`FlowConfig`: the SRFlow family and LLFlow;
+:class:`HCFlowConfig`: HCFlow), and the per-variant defaults for what weights cannot tell."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 #: Coupling kind -> the FlowStep attribute name used in the reference state_dicts.
 COUPLING_ATTR = {"affine": "affine", "affine_reparam": "affinereparam", "rqspline": "rqspline"}
 
-#: Settings that no weight reveals, with the reference defaults per family (checkpoint-formats.md section 7).
+#: Settings that no weight reveals (the original projects' YAML sets them); defaults: :func:`default_settings`.
 NON_INFERABLE = ("blocks", "eps", "S", "residual", "bounds", "heat")
 
 
@@ -123,6 +124,64 @@ class FlowConfig(ConfigDict):
             raise ValueError("; ".join(errors))
 
 
+@dataclass
+class HCFlowConfig(ConfigDict):
+    """Architecture of an HCFlow SR network (``test_SR_*_HCFlow.yml`` ``network_G.flowDownsampler``).
+
+    Attributes:
+        scale: 4 (L = 2) or 8 (L = 3); K: main (unconditional) steps per level, i.e. the reference ``K -
+            after_flowstep``; n_cond_steps: conditional-flow steps per level (``splitOff.after_flowstep``);
+        rrdb_nb: blocks of ``RRDB_trunk0`` and ``RRDB_trunk1`` in every conditional flow; nf, gc: their widths;
+        hidden: coupling sub-network width (``hidden_channels``); in_nc: image channels;
+        heat: default sampling temperature (0.9 for 4X, 0.8 for 8X, the test YAMLs); quant: dequantisation levels
+        of the reference NLL (64 for 4X, 256 for 8X; not inferable).
+    """
+
+    family: str = "hcflow"
+    coupling: str = "affine_atan"
+    scale: int = 4
+    L: int = 2
+    K: list = 13
+    n_cond_steps: list = 13
+    rrdb_nb: list = field(default_factory=lambda: [7, 7])
+    nf: int = 64
+    gc: int = 32
+    hidden: int = 64
+    in_nc: int = 3
+    heat: float = 0.9
+    quant: int = 64
+    residual: bool = False
+
+    def __post_init__(self):
+        self.K = [int(k) for k in (self.K if isinstance(self.K, (list, tuple)) else [self.K] * self.L)][:self.L]
+        n = self.n_cond_steps
+        self.n_cond_steps = [int(k) for k in (n if isinstance(n, (list, tuple)) else [n] * self.L)][:self.L]
+        self.rrdb_nb = [int(b) for b in self.rrdb_nb]
+
+    def validate(self) -> None:
+        """Raises ValueError naming every inconsistent setting."""
+        errors = []
+        if self.family != "hcflow":
+            errors.append(f"family must be 'hcflow', got {self.family!r}")
+        if self.L not in (2, 3) or self.scale != 2 ** self.L:
+            errors.append(f"HCFlow SR exists for scale 4 (L=2) and 8 (L=3), got scale={self.scale}, L={self.L}")
+        if len(self.K) != self.L or len(self.n_cond_steps) != self.L:
+            errors.append(f"K {self.K} and n_cond_steps {self.n_cond_steps} need {self.L} entries")
+        if len(self.rrdb_nb) != 2:
+            errors.append(f"rrdb_nb needs 2 entries (RRDB_trunk0, RRDB_trunk1), got {self.rrdb_nb}")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def level_channels(self) -> list[tuple[int, int]]:
+        """The level plan: ``(channels after the squeeze, channels kept by the split)`` per level, finest first."""
+        out, c = [], self.in_nc
+        for level in range(self.L):
+            c *= 4
+            keep = c // 2 if level < self.L - 1 else 3
+            out.append((c, keep))
+            c = keep
+        return out
+
 
 def _per_level(value, L: int, name: str) -> list:
     if isinstance(value, int):
@@ -134,7 +193,7 @@ def _per_level(value, L: int, name: str) -> list:
 
 
 def default_settings(family: str, coupling: str, scale: int, nb: int, n_blocks: int) -> dict:
-    """Reference defaults for the settings no weight reveals (checkpoint-formats.md section 7).
+    """Reference defaults (the original projects' configs and code) for the settings no weight reveals.
 
     Returns a dict with ``blocks``, ``eps``, ``S``, ``residual``, ``bounds``, ``heat`` and a ``notes`` list saying
     where a reference default did not fit the weights and a fallback was used.

@@ -69,7 +69,9 @@ class ConditionalCoupling(FlowLayer):
         raise NotImplementedError
 
     # -- shared machinery -------------------------------------------------------------------------------------------
-    def _stages(self, cond: LevelCondition) -> list[str]:
+    def stages(self, cond: LevelCondition) -> list[str]:
+        """The sub-transforms this coupling runs for ``cond``, in density order (sampling runs them reversed):
+        ``"features"``, ``"std"`` (only with a std map and a std-conditioned step) and ``"self"``."""
         runs_std = self.use_std and cond.std is not None
         return ["features", "std", "self"] if runs_std else ["features", "self"]
 
@@ -85,7 +87,7 @@ class ConditionalCoupling(FlowLayer):
     def forward_map(self, x: Tensor, cond: LevelCondition | None = None) -> tuple[Tensor, Tensor]:
         z = x
         ladj = x.new_zeros(x.shape[0], x.shape[2], x.shape[3])
-        for stage in self._stages(cond):
+        for stage in self.stages(cond):
             if stage == "features":
                 z, l = self._bijection_for(stage, None, cond).forward(z)
             else:
@@ -99,7 +101,7 @@ class ConditionalCoupling(FlowLayer):
                     tracer: Optional[Tracer] = None) -> tuple[Tensor, Tensor]:
         z = y
         ladj = y.new_zeros(y.shape[0], y.shape[2], y.shape[3])
-        for stage in reversed(self._stages(cond)):
+        for stage in reversed(self.stages(cond)):
             if stage == "features":
                 z, l = self._bijection_for(stage, None, cond).inverse(z)
             else:

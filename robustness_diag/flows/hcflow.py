@@ -1,6 +1,6 @@
 r"""HCFlow (JingyunLiang/HCFlow, SR 4X/8X): an HR -> (LR, high-frequency latents) flow; keys ``flow.*``.
 
-Architecture (checkpoint-formats.md section 5), levels ``l = 0..L-1`` (``l = 0`` finest, at HR/2):
+Architecture (keys, shapes: ``tests/fixtures/manifests/*HCFlow.tsv.gz``), levels ``l = 0..L-1`` (0 finest, at HR/2):
 
 * main flow ``flow.layers``: per level a squeeze (no keys), ``K_l`` **unconditional** steps (``actnorm``,
   ``permute.weight`` [C, C] 1x1 conv, ``affine.f.conv1/conv2/conv3``) and a parameter-free channel split that keeps
@@ -26,12 +26,16 @@ sum_l log N(a_l; mean_l, exp(logs_l)) + log N(Q(lr_hat); lr, exp(-6))`` where ``
 the main flow, ``Q`` rounds to 1/255 after clamping to [0, 1] (a Dirac-delta approximation of ``lr_hat = lr``). The
 reference adds dequantisation noise ``U(0,1)/quant`` to HR and ``-ln(quant) * H * W``; :meth:`HCFlow.log_prob` does
 so only when the noise is passed, so by default it is the objective of the continuous HR image (nats, shape [B]).
+
+This module holds the network, its couplings and steps and :class:`HCFlowPlan`; like the SRFlow family's, HCFlow's
+config (:class:`~.config.HCFlowConfig`), checkpoint inference (:func:`~.recognition.infer_hcflow_config`) and YAML
+reading (:func:`~.yaml_config.read_hcflow_yaml`) live in :mod:`.config`, :mod:`.recognition` and :mod:`.yaml_config`.
+It is longer than the project's usual 400 lines because HCFlow's couplings, conditional flows, network and sampling
+plan only make sense together (the SRFlow family shares its layers with other modules; HCFlow shares none).
 """
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -40,7 +44,7 @@ from torch import Tensor, nn
 
 from .base import Flow, LayerCallback, SamplingPlan, TracerFactory
 from .bijections import gaussian_log_density
-from .config import ConfigDict
+from .config import HCFlowConfig
 from .couplings import Tracer
 from .layers import ActNorm2d, Conv2dZeros, FlowLayer, GlowConv2d, InvConv1x1, LevelCondition, cross_split, \
     squeeze2d, unsqueeze2d
@@ -52,65 +56,6 @@ ATAN_GAIN = 0.318
 MAX_LOG_SCALE = ATAN_GAIN * math.pi / 2
 #: ``logs`` of the Gaussian that approximates the Dirac delta on the LR image.
 DIRAC_LOGS = -6.0
-
-
-@dataclass
-class HCFlowConfig(ConfigDict):
-    """Architecture of an HCFlow SR network (``test_SR_*_HCFlow.yml`` ``network_G.flowDownsampler``).
-
-    Attributes:
-        scale: 4 (L = 2) or 8 (L = 3); K: main (unconditional) steps per level, i.e. the reference ``K -
-            after_flowstep``; n_cond_steps: conditional-flow steps per level (``splitOff.after_flowstep``);
-        rrdb_nb: blocks of ``RRDB_trunk0`` and ``RRDB_trunk1`` in every conditional flow; nf, gc: their widths;
-        hidden: coupling sub-network width (``hidden_channels``); in_nc: image channels;
-        heat: default sampling temperature (0.9 for 4X, 0.8 for 8X, the test YAMLs); quant: dequantisation levels
-        of the reference NLL (64 for 4X, 256 for 8X; not inferable).
-    """
-
-    family: str = "hcflow"
-    coupling: str = "affine_atan"
-    scale: int = 4
-    L: int = 2
-    K: list = 13
-    n_cond_steps: list = 13
-    rrdb_nb: list = field(default_factory=lambda: [7, 7])
-    nf: int = 64
-    gc: int = 32
-    hidden: int = 64
-    in_nc: int = 3
-    heat: float = 0.9
-    quant: int = 64
-    residual: bool = False
-
-    def __post_init__(self):
-        self.K = [int(k) for k in (self.K if isinstance(self.K, (list, tuple)) else [self.K] * self.L)][:self.L]
-        n = self.n_cond_steps
-        self.n_cond_steps = [int(k) for k in (n if isinstance(n, (list, tuple)) else [n] * self.L)][:self.L]
-        self.rrdb_nb = [int(b) for b in self.rrdb_nb]
-
-    def validate(self) -> None:
-        errors = []
-        if self.family != "hcflow":
-            errors.append(f"family must be 'hcflow', got {self.family!r}")
-        if self.L not in (2, 3) or self.scale != 2 ** self.L:
-            errors.append(f"HCFlow SR exists for scale 4 (L=2) and 8 (L=3), got scale={self.scale}, L={self.L}")
-        if len(self.K) != self.L or len(self.n_cond_steps) != self.L:
-            errors.append(f"K {self.K} and n_cond_steps {self.n_cond_steps} need {self.L} entries")
-        if len(self.rrdb_nb) != 2:
-            errors.append(f"rrdb_nb needs 2 entries (RRDB_trunk0, RRDB_trunk1), got {self.rrdb_nb}")
-        if errors:
-            raise ValueError("; ".join(errors))
-
-    # the level plan: (channels after squeeze, kept channels) per level
-    def level_channels(self) -> list[tuple[int, int]]:
-        out, c = [], self.in_nc
-        for level in range(self.L):
-            c *= 4
-            keep = c // 2 if level < self.L - 1 else 3
-            out.append((c, keep))
-            c = keep
-        return out
-
 
 
 class AtanAffineCoupling(FlowLayer):
@@ -374,7 +319,8 @@ class HCFlow(Flow):
         """Reverse pass from ``z = lr``. Returns ``(x [B, 3, H, W] unclamped, log|dx/d(latents)| [B])`` (plus the
         per-level conditional features ``{level: [B, 128, H_l, W_l]}`` with ``return_features``).
 
-        ``tracer_factory(key)`` gets the main-flow layer index (int) or ``"level{l}_condFlow.additional_flow_steps.{k}"``
+        ``tracer_factory(key)`` gets the main-flow layer index (int) or
+        ``"level{l}_condFlow.additional_flow_steps.{k}"``
         and may return a coupling tracer; ``layer_callback(index, layer, z)`` runs after every main-flow layer."""
         heat = self.config.heat if heat is None else heat
         if latents is None:
@@ -415,7 +361,8 @@ class HCFlow(Flow):
 
     # -- what the OOD scorer needs -----------------------------------------------------------------------------------
     def feature_levels(self) -> dict[str, float]:
-        """``{"level{l}_condFlow": scale / 2**(l+1)}``, finest first (4X: ``level0_condFlow`` 2, ``level1_condFlow`` 1)."""
+        """``{"level{l}_condFlow": scale / 2**(l+1)}``, finest first (4X: ``level0_condFlow`` 2,
+        ``level1_condFlow`` 1)."""
         c = self.config
         return {f"level{lv}_condFlow": c.scale / 2 ** (lv + 1) for lv in range(c.L)}
 
@@ -506,97 +453,3 @@ class HCFlowPlan(SamplingPlan):
         for lv in sorted(set(self.level_of), reverse=True):
             out += [(lv, step) for step in self.net.cond_flow(lv - 1).additional_flow_steps]
         return out
-
-
-# -- reading the layout from a state_dict -----------------------------------------------------------------------------
-_MAIN = re.compile(r"^flow\.layers\.(\d+)\.")
-_COND = re.compile(r"^flow\.level(\d+)_condFlow\.")
-
-
-def consecutive_runs(indices) -> list[list[int]]:
-    """Splits sorted layer indices into runs of consecutive ones (``[1, 2, 5, 6]`` -> ``[[1, 2], [5, 6]]``)."""
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and i == runs[-1][-1] + 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
-
-
-def infer_hcflow_config(state) -> tuple[dict, list]:
-    """HCFlowConfig fields from key names and shapes; returns ``(fields, problems)``.
-
-    Main steps per level: runs of consecutive ``flow.layers.{i}`` indices (a squeeze and a split leave gaps);
-    conditional steps and RRDB depths: counted under each ``level{l}_condFlow``; hidden: ``conv1`` output channels.
-    """
-    problems = []
-    idx = sorted({int(m.group(1)) for k in state for m in [_MAIN.match(k)] if m})
-    levels = sorted({int(m.group(1)) for k in state for m in [_COND.match(k)] if m})
-    L = len(levels)
-    runs = consecutive_runs(idx)
-    K = [len(r) for r in runs]
-    if len(K) != L:
-        problems.append(f"{len(K)} runs of main flow steps but {L} conditional flows")
-    expected_first = 1
-    for r, k in zip(runs, K):
-        if r[0] != expected_first:
-            problems.append(f"main steps start at index {r[0]}, expected {expected_first} (squeeze/split gaps)")
-        expected_first = r[-1] + 3
-
-    def count(prefix: str, pat: str) -> int:
-        rx = re.compile(re.escape(prefix) + pat)
-        found = {int(m.group(1)) for k in state for m in [rx.match(k)] if m}
-        return 1 + max(found) if found else 0
-
-    n_cond = [count(f"flow.level{l}_condFlow.", r"additional_flow_steps\.(\d+)\.") for l in levels]
-    nb0 = count("flow.level0_condFlow.", r"RRDB_trunk0\.(\d+)\.")
-    nb1 = count("flow.level0_condFlow.", r"RRDB_trunk1\.(\d+)\.")
-    cf = state.get("flow.level0_condFlow.conv_first.weight")
-    c1 = state.get("flow.layers.1.affine.f.conv1.weight")
-    in_nc = 3
-    an = state.get("flow.layers.1.actnorm.bias")
-    if an is not None:
-        in_nc = int(an.shape[1]) // 4
-    g = state.get("flow.level0_condFlow.RRDB_trunk0.0.RDB1.conv1.weight")
-    fields = {"scale": 2 ** L, "L": L, "K": K, "n_cond_steps": n_cond, "rrdb_nb": [nb0, nb1],
-              "nf": int(cf.shape[0]) if cf is not None else 64, "gc": int(g.shape[0]) if g is not None else 32,
-              "hidden": int(c1.shape[0]) if c1 is not None else 64, "in_nc": in_nc}
-    return fields, problems
-
-
-def hcflow_defaults(scale: int) -> dict:
-    """Settings no weight reveals (the test YAMLs): heat 0.9 and quant 64 for 4X, heat 0.8 and quant 256 for 8X."""
-    return {"heat": 0.8, "quant": 256} if scale == 8 else {"heat": 0.9, "quant": 64}
-
-
-def read_hcflow_yaml(opt: dict) -> dict:
-    """HCFlowConfig fields from an HCFlow option dict (``network_G.flowDownsampler``, ``scale``, ``quant``,
-    ``val.heats``: the largest non-zero heat)."""
-    out: dict = {}
-    fd = (opt.get("network_G") or {}).get("flowDownsampler") or {}
-    so = fd.get("splitOff") or {}
-    if opt.get("scale") is not None:
-        out["scale"] = int(opt["scale"])
-    if fd.get("L") is not None:
-        out["L"] = int(fd["L"])
-    after = so.get("after_flowstep")
-    if fd.get("K") is not None and after is not None:
-        L = out.get("L", len(after) if isinstance(after, list) else 2)
-        after_l = after if isinstance(after, list) else [after] * L
-        k_l = fd["K"] if isinstance(fd["K"], list) else [fd["K"]] * L
-        out["K"] = [int(k) - int(a) for k, a in zip(k_l, after_l)]
-        out["n_cond_steps"] = [int(a) for a in after_l]
-    if so.get("RRDB_nb") is not None:
-        out["rrdb_nb"] = [int(b) for b in so["RRDB_nb"]]
-    for src, dst in (("RRDB_nf", "nf"), ("RRDB_gc", "gc")):
-        if so.get(src) is not None:
-            out[dst] = int(so[src])
-    if fd.get("hidden_channels") is not None:
-        out["hidden"] = int(fd["hidden_channels"])
-    if opt.get("quant") is not None:
-        out["quant"] = int(opt["quant"])
-    heats = (opt.get("val") or {}).get("heats")
-    if isinstance(heats, list) and any(float(h) > 0 for h in heats):
-        out["heat"] = max(float(h) for h in heats)
-    return out

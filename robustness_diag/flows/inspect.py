@@ -6,13 +6,14 @@ import math
 
 import torch
 
+from .base import Flow
 from .couplings import ConditionalCoupling
-from .layers import ActNorm2d, Conv2dZeros, FrozenInvConv1x1, InvConv1x1
-from .network import FlowStep, SRFlowFamily
-from .rrdb import LEVEL_TO_NAME, _UPCONV
+from .layers import Conv2dZeros, FrozenInvConv1x1
+from .network import FlowStep
+from .rrdb import LEVEL_TO_NAME, UPCONV_NAMES
 
 
-def unused_keys(flow: SRFlowFamily) -> dict[str, list[str]]:
+def unused_keys(flow: Flow) -> dict[str, list[str]]:
     """Groups of state_dict keys that the flow never uses in log_prob or sampling, with the reason as the group name."""
     keys = list(flow.state_dict().keys())
     if flow.config.family == "hcflow":
@@ -26,9 +27,9 @@ def unused_keys(flow: SRFlowFamily) -> dict[str, list[str]]:
         }
         return {k: v for k, v in groups.items() if v}
     used_feats = set(LEVEL_TO_NAME[flow.config.scale].values())
-    chain = list(_UPCONV)  # fea_up2, fea_up4, ... each computed from the previous one
+    chain = list(UPCONV_NAMES)  # fea_up2, fea_up4, ... each computed from the previous one
     finest = max((chain.index(k) for k in used_feats if k in chain), default=-1)
-    dead_upconvs = {_UPCONV[k] for k in chain[finest + 1:] if hasattr(flow.RRDB, _UPCONV[k])}
+    dead_upconvs = {UPCONV_NAMES[k] for k in chain[finest + 1:] if hasattr(flow.RRDB, UPCONV_NAMES[k])}
     groups = {
         "flowUpsamplerNet.f (never run in forward)": [k for k in keys if k.startswith("flowUpsamplerNet.f.")],
         "RRDB SR head (HRconv, conv_last)": [k for k in keys if k.startswith(("RRDB.HRconv.", "RRDB.conv_last."))],
@@ -50,7 +51,7 @@ def _range(values) -> list[float] | None:
 
 
 @torch.no_grad()
-def inspect_flow(flow: SRFlowFamily) -> dict:
+def inspect_flow(flow: Flow) -> dict:
     """Returns a JSON-able report (see the keys); ``verdict`` is one line, ``status`` one of ok/warning/fail."""
     if flow.config.family == "hcflow":
         return _inspect_hcflow(flow)
@@ -67,7 +68,7 @@ def inspect_flow(flow: SRFlowFamily) -> dict:
     zeros_logs = [v * Conv2dZeros.LOGSCALE_FACTOR for m in fu.modules() if isinstance(m, Conv2dZeros)
                   for v in m.logs.flatten().tolist()]
     couplings = [s.coupling for _, _, s in flow.coupling_steps()]
-    n_sub = sum(len(c._stages(_StdProbe(c))) for c in couplings)
+    n_sub = sum(len(c.stages(_StdProbe(c))) for c in couplings)
     bound = couplings[0].inverse_slope_bound() if couplings else {}
     report = {
         "path": info.get("path"), "format": info.get("format"), "sha256": info.get("sha256"),
@@ -163,7 +164,8 @@ def _verdict(r: dict) -> tuple[str, str]:
         status = "ok"
     elif r["family"] == "hcflow":
         head = (f"BOUNDED INVERSE: HCFlow atan-affine couplings, |log scale| < 0.318*pi/2, inverse slope in "
-                f"[{b['min_inverse_slope']:.3f}, {b['max_inverse_slope']:.3f}] per coupling ({n} on the sampling path); "
+                f"[{b['min_inverse_slope']:.3f}, {b['max_inverse_slope']:.3f}] per coupling "
+                f"({n} on the sampling path); "
                 "1x1 convs and ActNorms are not bounded by construction (see condition numbers)")
         status = "ok"
     else:

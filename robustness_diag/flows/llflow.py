@@ -2,7 +2,7 @@ r"""LLFlow (wyf0912/LLFlow, low-light enhancement): the ConEncoder1 conditioner 
 
 The flow part is the SRFlow-family ``FlowUpsamplerNet`` (same keys, same affine couplings) with ``scale = 1``,
 ``L = 3`` levels, two steps without coupling after each squeeze and **no splits**; only the conditioner and the prior
-differ (checkpoint-formats.md section 4).
+differ (keys and shapes: ``tests/fixtures/manifests/LLFlow_*.tsv.gz``).
 
 Conditioner ``RRDB`` = ``ConEncoder1`` (keys ``RRDB.*``), input ``x6`` = the 6-channel preprocessed dark image
 (:func:`robustness_diag.data.lowlight.lowlight_condition`: log image + histogram-equalised image), all maps full
@@ -47,6 +47,7 @@ from .rrdb import RRDB
 
 #: Level -> feature key for LLFlow (reference ``levelToName`` for scale 1); level l runs at H / 2**l.
 LLFLOW_LEVEL_TO_NAME = {1: "fea_up2", 2: "fea_up1", 3: "fea_up0"}
+LLFLOW_LEVEL_KEYS = tuple(LLFLOW_LEVEL_TO_NAME.values())
 #: Channels of the reference ConEncoder1 input with the shipped flags (3 log + 3 histeq + 3 colour map + 3 noise map).
 LLFLOW_ENCODER_IN_NC = 12
 #: Factor of the single space-to-depth that maps the colour map onto the top latent.
@@ -119,7 +120,7 @@ class ConEncoder1(nn.Module):
                     "color_map": self.fine_tune_color_map(F.interpolate(down2, scale_factor=2))})
         return out
 
-    def conditioning(self, x6: Tensor, keys=tuple(LLFLOW_LEVEL_TO_NAME.values())) -> dict[str, Tensor]:
+    def conditioning(self, x6: Tensor, keys: tuple = LLFLOW_LEVEL_KEYS) -> dict[str, Tensor]:
         """Stacked level features ``{key: [B, nf * (1 + len(blocks)), H_key, W_key]}`` plus ``color_map``."""
         raw = self.raw_features(x6)
         stack = torch.cat([raw[f"block_{b}"] for b in self.blocks], dim=1) if self.blocks else None

@@ -1,4 +1,5 @@
-"""``load_flow``: own ``.safetensors``, third-party ``.pth`` state_dicts and bundled flows -> a ready :class:`~.base.Flow`.
+"""``load_flow``: own ``.safetensors``, third-party ``.pth`` state_dicts and bundled flows -> a ready
+:class:`~.base.Flow`.
 
 ``flow.info`` records where every setting came from: ``inferred`` (from weights), ``defaulted`` (per-variant reference
 default, weights cannot tell), ``config`` (the user's YAML), ``metadata`` (own checkpoint header) or ``heuristic``.
@@ -6,7 +7,6 @@ default, weights cannot tell), ``config`` (the user's YAML), ``metadata`` (own c
 from __future__ import annotations
 
 import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -14,12 +14,14 @@ from typing import Optional
 import torch
 
 from .checkpoint import RawCheckpoint, read_checkpoint
-from .config import NON_INFERABLE, FlowConfig
-from .detection import Detection, defaults_for, detect_family, infer_architecture, infer_std_steps
-from .errors import ArchitectureMismatchError, CheckpointError, ConfigError, UnsupportedFlowError
+from ..devices import resolve_device
 from .base import Flow
+from .config import NON_INFERABLE, FlowConfig, HCFlowConfig
+from .errors import ArchitectureMismatchError, CheckpointError, UnsupportedFlowError
 from .network import SRFlowFamily
-from .yaml_config import apply_overrides, read_yaml_overrides
+from .recognition import (Recognition, defaults_for, hcflow_defaults, infer_architecture, infer_hcflow_config,
+                          infer_std_steps, recognize_family)
+from .yaml_config import apply_overrides, read_hcflow_overrides, read_yaml_overrides
 
 FORMAT_TAG = "robustness-diag/flow"
 _MAX_LISTED = 12
@@ -34,7 +36,8 @@ def file_sha256(path) -> str:
 
 
 def bundled_path(name: str) -> Path:
-    """Path of a bundled checkpoint ``checkpoints/<name>.safetensors`` (installed as ``robustness_diag.checkpoints``)."""
+    """Path of a bundled checkpoint ``checkpoints/<name>.safetensors`` (installed as
+    ``robustness_diag.checkpoints``)."""
     root = resources.files("robustness_diag.checkpoints")
     path = Path(str(root / f"{name}.safetensors"))
     if not path.is_file():
@@ -72,15 +75,7 @@ def load_flow(path_or_name, config=None, device=None, *, residual: Optional[bool
         flow.config.residual = bool(residual)
         flow.info["sources"]["residual"] = "argument"
     flow.info["residual"] = flow.config.residual
-    return flow.to(_device(device))
-
-
-def _device(device) -> torch.device:
-    if device is None:
-        return torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return flow.to(torch.device("cpu") if device is None else resolve_device(device))
 
 
 def _from_own(raw: RawCheckpoint, config) -> Flow:
@@ -99,39 +94,39 @@ def _from_own(raw: RawCheckpoint, config) -> Flow:
                 setattr(cfg, k, v)
                 sources[k] = "config"
         cfg.__post_init__()
-    det = Detection(cfg.family, meta.get("variant", cfg.family), cfg.coupling, cfg.coupling_attr, True,
-                    ["robustness-diag safetensors header"])
-    flow = _build_and_load(raw, cfg, det)
-    flow.info.update(_info(raw, cfg, det, sources, []))
+    rec = Recognition(cfg.family, meta.get("variant", cfg.family), cfg.coupling, cfg.coupling_attr, True,
+                      ["robustness-diag safetensors header"])
+    flow = _build_and_load(raw, cfg, rec)
+    flow.info.update(_info(raw, cfg, rec, sources, []))
     flow.info["provenance"] = meta.get("provenance", {})
     return flow
 
 
 def _from_third_party(raw: RawCheckpoint, config, residual) -> Flow:
-    det = detect_family(raw.state.keys())
-    if det.family == "hcflow":
-        return _hcflow_from_third_party(raw, config, det)
-    if det.family in ("unknown", "rrdb-encoder"):
-        raise UnsupportedFlowError(f"not a recognised flow checkpoint: {det.variant}", raw.path)
-    if not det.supported:
-        hint = {"srflow-da": "SRFlow-DA is recognised for detection only",
-                }.get(det.family, "recognised, but its coupling maths is not implemented for sampling")
-        raise UnsupportedFlowError(f"recognised as {det.variant} (family {det.family}); {hint}", raw.path)
+    rec = recognize_family(raw.state.keys())
+    if rec.family == "hcflow":
+        return _hcflow_from_third_party(raw, config, rec)
+    if rec.family in ("unknown", "rrdb-encoder"):
+        raise UnsupportedFlowError(f"not a recognised flow checkpoint: {rec.variant}", raw.path)
+    if not rec.supported:
+        hint = {"srflow-da": "SRFlow-DA is recognised but not rebuilt",
+                }.get(rec.family, "recognised, but its coupling maths is not implemented for sampling")
+        raise UnsupportedFlowError(f"recognised as {rec.variant} (family {rec.family}); {hint}", raw.path)
     try:
-        fields, problems = infer_architecture(raw.state, det)
+        fields, problems = infer_architecture(raw.state, rec)
     except KeyError as e:
-        raise ArchitectureMismatchError(f"recognised as {det.variant} but key {e} is missing", raw.path,
+        raise ArchitectureMismatchError(f"recognised as {rec.variant} but key {e} is missing", raw.path,
                                         missing=[str(e).strip("'")]) from None
     sources = {k: "inferred" for k in fields}
     notes = list(raw.notes)
-    d = defaults_for(det, fields)
+    d = defaults_for(rec, fields)
     notes += d.pop("notes")
     for k in NON_INFERABLE:
         if d.get(k) is not None:
             fields[k] = d[k]
             sources[k] = "defaulted"
-    if det.family == "ncsr" or (fields.get("std_channels") and det.family == "robustnf"):
-        S, why = infer_std_steps(raw.state, det, fields)
+    if rec.family == "ncsr" or (fields.get("std_channels") and rec.family == "robustnf"):
+        S, why = infer_std_steps(raw.state, rec, fields)
         if S is not None:
             fields["S"], sources["S"] = S, "heuristic"
         notes.append(f"S: {why}")
@@ -147,30 +142,30 @@ def _from_third_party(raw: RawCheckpoint, config, residual) -> Flow:
         cfg = FlowConfig.from_dict({k: v for k, v in fields.items()})
         cfg.validate()
     except ValueError as e:
-        raise ArchitectureMismatchError(f"recognised as {det.variant}; inconsistent settings: {e}", raw.path) from None
-    flow = _build_and_load(raw, cfg, det, problems)
+        raise ArchitectureMismatchError(f"recognised as {rec.variant}; inconsistent settings: {e}", raw.path) from None
+    flow = _build_and_load(raw, cfg, rec, problems)
     if residual is not None:
         cfg.residual, sources["residual"] = bool(residual), "argument"
-    elif det.family == "ncsr" and sources.get("residual") == "defaulted":
+    elif rec.family == "ncsr" and sources.get("residual") == "defaulted":
         guess, why = residual_heuristic(flow)
         if guess is not None:
             cfg.residual, sources["residual"] = guess, "heuristic"
         notes.append(f"residual: {why}")
-    flow.info.update(_info(raw, cfg, det, sources, notes))
+    flow.info.update(_info(raw, cfg, rec, sources, notes))
     return flow
 
 
-def _build_and_load(raw: RawCheckpoint, cfg: FlowConfig, det: Detection, problems=()) -> SRFlowFamily:
+def _build_and_load(raw: RawCheckpoint, cfg: FlowConfig, rec: Recognition, problems=()) -> SRFlowFamily:
     try:
         flow = model_for_config(cfg)
     except ValueError as e:
-        raise ArchitectureMismatchError(f"recognised as {det.variant}; cannot build: {e}", raw.path) from None
-    bad = _load_weights(flow, raw, det, f"scale={cfg.scale}, L={cfg.L}, K={cfg.K}, nb={cfg.nb}", problems)
+        raise ArchitectureMismatchError(f"recognised as {rec.variant}; cannot build: {e}", raw.path) from None
+    bad = _load_weights(flow, raw, rec, f"scale={cfg.scale}, L={cfg.L}, K={cfg.K}, nb={cfg.nb}", problems)
     flow.info = {"nonfinite_keys": bad}
     return flow
 
 
-def _load_weights(flow, raw: RawCheckpoint, det: Detection, built_for: str, problems=()) -> list:
+def _load_weights(flow, raw: RawCheckpoint, rec: Recognition, built_for: str, problems=()) -> list:
     """Loads ``raw``'s tensors (as float32) into ``flow`` strictly and sets eval mode; returns the keys holding
     NaN/Inf. Raises :class:`ArchitectureMismatchError` listing missing, unexpected and mis-shaped keys first."""
     expected = flow.state_dict()
@@ -179,7 +174,7 @@ def _load_weights(flow, raw: RawCheckpoint, det: Detection, built_for: str, prob
     mismatched = [(k, tuple(raw.state[k].shape), tuple(v.shape)) for k, v in expected.items()
                   if k in raw.state and tuple(raw.state[k].shape) != tuple(v.shape)]
     if missing or unexpected or mismatched:
-        raise ArchitectureMismatchError(_mismatch_message(det, built_for, missing, unexpected, mismatched, problems),
+        raise ArchitectureMismatchError(_mismatch_message(rec, built_for, missing, unexpected, mismatched, problems),
                                         raw.path, missing, unexpected, mismatched)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in raw.state.items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -188,65 +183,48 @@ def _load_weights(flow, raw: RawCheckpoint, det: Detection, built_for: str, prob
     return bad
 
 
-def _apply_hcflow_overrides(fields: dict, sources: dict, config, path) -> None:
-    """Updates ``fields`` from the user's config (dict or HCFlow YAML) and marks them as set by the config."""
-    over = _hcflow_overrides(config, path)
+def _apply_hcflow_overrides(fields: dict, sources: dict, config) -> None:
+    """Updates ``fields`` from the user's config (a dict of HCFlowConfig fields or an HCFlow option YAML) and marks
+    them as set by the config."""
+    over = dict(config) if isinstance(config, dict) else read_hcflow_overrides(config)
     fields.update(over)
     sources.update({k: "config" for k in over})
 
 
-def _hcflow_overrides(config, path) -> dict:
-    """HCFlowConfig fields from a dict or an HCFlow option YAML (``network_G.flowDownsampler``)."""
-    from .hcflow import read_hcflow_yaml
-    if isinstance(config, dict):
-        return dict(config)
-    import yaml
-    try:
-        opt = yaml.safe_load(Path(config).read_text())
-    except FileNotFoundError:
-        raise ConfigError("config file not found", config) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"not a valid YAML file ({e})", config) from None
-    if not isinstance(opt, dict) or "flowDownsampler" not in (opt.get("network_G") or {}):
-        raise ConfigError("not an HCFlow option file (no 'network_G.flowDownsampler' section)", config)
-    return read_hcflow_yaml(opt)
-
-
-def _hcflow_load(raw: RawCheckpoint, fields: dict, sources: dict, det: Detection, notes: list, problems=()):
-    from .hcflow import HCFlow, HCFlowConfig
+def _hcflow_load(raw: RawCheckpoint, fields: dict, sources: dict, rec: Recognition, notes: list, problems=()):
+    from .hcflow import HCFlow
     try:
         cfg = HCFlowConfig.from_dict(fields)
         cfg.validate()
         flow = HCFlow(cfg)
     except ValueError as e:
-        raise ArchitectureMismatchError(f"recognised as {det.variant}; inconsistent settings: {e}", raw.path) from None
-    bad = _load_weights(flow, raw, det, f"scale={cfg.scale}, L={cfg.L}, main steps per level {cfg.K}, "
+        raise ArchitectureMismatchError(f"recognised as {rec.variant}; inconsistent settings: {e}", raw.path) from None
+    bad = _load_weights(flow, raw, rec, f"scale={cfg.scale}, L={cfg.L}, main steps per level {cfg.K}, "
                                         f"conditional steps {cfg.n_cond_steps}, RRDB_nb {cfg.rrdb_nb}", problems)
     flow.info = {"nonfinite_keys": bad}
-    flow.info.update(_info(raw, cfg, det, sources, notes))
+    flow.info.update(_info(raw, cfg, rec, sources, notes))
     return flow
 
 
-def _hcflow_from_third_party(raw: RawCheckpoint, config, det: Detection):
-    from .hcflow import hcflow_defaults, infer_hcflow_config
+def _hcflow_from_third_party(raw: RawCheckpoint, config, rec: Recognition):
     fields, problems = infer_hcflow_config(raw.state)
     sources = {k: "inferred" for k in fields}
     for k, v in hcflow_defaults(fields["scale"]).items():
         fields[k], sources[k] = v, "defaulted"
     if config is not None:
-        _apply_hcflow_overrides(fields, sources, config, raw.path)
+        _apply_hcflow_overrides(fields, sources, config)
         problems = []
-    return _hcflow_load(raw, fields, sources, det, list(raw.notes), problems)
+    return _hcflow_load(raw, fields, sources, rec, list(raw.notes), problems)
 
 
 def _hcflow_from_own(raw: RawCheckpoint, config):
     fields = dict(raw.metadata["config"])
     sources = {k: "metadata" for k in fields}
     if config is not None:
-        _apply_hcflow_overrides(fields, sources, config, raw.path)
-    det = Detection("hcflow", raw.metadata.get("variant", "HCFlow"), "affine_atan", "affine", True,
-                    ["robustness-diag safetensors header"])
-    flow = _hcflow_load(raw, fields, sources, det, [])
+        _apply_hcflow_overrides(fields, sources, config)
+    rec = Recognition("hcflow", raw.metadata.get("variant", "HCFlow"), "affine_atan", "affine", True,
+                      ["robustness-diag safetensors header"])
+    flow = _hcflow_load(raw, fields, sources, rec, [])
     flow.info["provenance"] = raw.metadata.get("provenance", {})
     return flow
 
@@ -264,9 +242,9 @@ def _listing(items, fmt=str) -> str:
     return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
 
 
-def _mismatch_message(det, built_for: str, missing, unexpected, mismatched, problems) -> str:
+def _mismatch_message(rec, built_for: str, missing, unexpected, mismatched, problems) -> str:
     """The error text of a state_dict that does not fit; ``built_for`` describes the architecture it was tried on."""
-    parts = [f"weights do not fit the architecture (family guess: {det.variant}; built for {built_for})"]
+    parts = [f"weights do not fit the architecture (family guess: {rec.variant}; built for {built_for})"]
     if missing:
         parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
     if unexpected:
@@ -279,20 +257,20 @@ def _mismatch_message(det, built_for: str, missing, unexpected, mismatched, prob
     return "\n  ".join(parts)
 
 
-def _info(raw: RawCheckpoint, cfg: FlowConfig, det: Detection, sources: dict, notes: list) -> dict:
+def _info(raw: RawCheckpoint, cfg: FlowConfig | HCFlowConfig, rec: Recognition, sources: dict, notes: list) -> dict:
     return {
         "path": str(raw.path), "format": raw.format,
-        "family": cfg.family, "variant": det.variant, "coupling": cfg.coupling, "scale": cfg.scale,
+        "family": cfg.family, "variant": rec.variant, "coupling": cfg.coupling, "scale": cfg.scale,
         "L": cfg.L, "K": list(cfg.K), "config": cfg.to_dict(),
         "sources": {k: sources.get(k, "default") for k in cfg.to_dict()},
         "inferred": sorted(k for k, v in sources.items() if v == "inferred"),
         "defaulted": sorted(k for k, v in sources.items() if v == "defaulted"),
-        "evidence": det.evidence, "notes": notes,
+        "evidence": rec.evidence, "notes": notes,
     }
 
 
 @torch.no_grad()
-def residual_heuristic(flow: SRFlowFamily) -> tuple[Optional[bool], str]:
+def residual_heuristic(flow: Flow) -> tuple[Optional[bool], str]:
     """Guesses whether an NCSR-family flow outputs a residual: decode smooth LR images at heat 0 and compare the mean
     output with the LR mean (about equal: full image; about 0: residual). Returns ``(guess or None, explanation)``."""
     g = torch.Generator().manual_seed(0)
@@ -314,13 +292,12 @@ def residual_heuristic(flow: SRFlowFamily) -> tuple[Optional[bool], str]:
 def save_flow(flow: Flow, path, provenance: Optional[dict] = None, variant: Optional[str] = None) -> Path:
     """Writes an own checkpoint: ``.safetensors`` with the FlowConfig and provenance JSON in the header, atomically."""
     from safetensors.torch import save_file
+
+    from ..io import atomic_write, json_text
     path = Path(path)
     meta = {"format": FORMAT_TAG, "config": flow.config.to_json(),
-            "provenance": json.dumps(provenance or {}, sort_keys=True),
+            "provenance": json_text(provenance or {}, indent=None),
             "variant": variant or flow.info.get("variant", flow.config.family)}
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in flow.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 

@@ -105,7 +105,8 @@ class SRFlowFamily(Flow):
     Arguments:
         config: a validated :class:`FlowConfig`.
 
-    Shapes: ``lr`` is ``[B, 3, h, w]``; HR is ``[B, 3, s*h, s*w]`` with ``s = config.scale``; ``s*h`` and ``s*w`` must be
+    Shapes: ``lr`` is ``[B, 3, h, w]``; HR is ``[B, 3, s*h, s*w]`` with ``s = config.scale``; ``s*h`` and ``s*w``
+    must be
     divisible by ``2**L`` (4X and 8X: ``h``, ``w`` even).
     """
 
@@ -179,7 +180,8 @@ class SRFlowFamily(Flow):
         h, w = lr.shape[2] * self.config.scale, lr.shape[3] * self.config.scale
         if h % m or w % m:
             need = m // math.gcd(m, self.config.scale)
-            raise ValueError(f"LR size {lr.shape[2]}x{lr.shape[3]} is not divisible by {need}: this {self.config.scale}X "
+            raise ValueError(f"LR size {lr.shape[2]}x{lr.shape[3]} is not divisible by {need}: "
+                             f"this {self.config.scale}X "
                              f"flow with L={self.config.L} levels needs HR divisible by {m} (pad the LR first)")
 
     # -- density direction -------------------------------------------------------------------------------------------

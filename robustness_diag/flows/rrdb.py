@@ -105,11 +105,11 @@ class RRDBNet(nn.Module):
                 out[f"block_{idx}"] = fea
         last = fea + self.trunk_conv(fea)
         out["last_lr_fea"] = out["fea_up1"] = last
-        ups = [k for k in ("fea_up2", "fea_up4", "fea_up8", "fea_up16") if hasattr(self, _UPCONV[k])]
+        ups = [k for k in ("fea_up2", "fea_up4", "fea_up8", "fea_up16") if hasattr(self, UPCONV_NAMES[k])]
         need = max((ups.index(k) for k in keys if k in ups), default=-1)
         fea = last
         for k in ups[:need + 1]:
-            fea = _lrelu(getattr(self, _UPCONV[k])(F.interpolate(fea, scale_factor=2, mode="nearest")))
+            fea = _lrelu(getattr(self, UPCONV_NAMES[k])(F.interpolate(fea, scale_factor=2, mode="nearest")))
             out[k] = fea
         if "fea_up0" in keys:
             out["fea_up0"] = F.interpolate(last, scale_factor=0.5, mode="bilinear", align_corners=False,
@@ -132,4 +132,4 @@ class RRDBNet(nn.Module):
         return result
 
 
-_UPCONV = {"fea_up2": "upconv1", "fea_up4": "upconv2", "fea_up8": "upconv3", "fea_up16": "upconv4"}
+UPCONV_NAMES = {"fea_up2": "upconv1", "fea_up4": "upconv2", "fea_up8": "upconv3", "fea_up16": "upconv4"}

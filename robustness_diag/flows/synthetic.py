@@ -1,6 +1,6 @@
 """Deterministic "sane" random weights for any SRFlow-family architecture (demos, tests, smoke checks).
 
-Recipe (checkpoint-formats.md section 8): RRDB convs kaiming-normal x 0.1 (ESRGAN's init), orthogonal 1x1 convs,
+Recipe: RRDB convs kaiming-normal x 0.1 (ESRGAN's init), orthogonal 1x1 convs,
 one data-dependent ActNorm initialisation pass on smooth synthetic images, then small perturbations of the
 zero-initialised Conv2dZeros heads. Sampling from such a flow stays finite; an untrained flow is not a model of
 anything, so use this only where the weights do not matter.

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from ..data.photos import TRAIN_PHOTOS, VALIDATION_PHOTOS, downscale, load_photo, random_crops
+from ..io import atomic_write
+from .base import Flow
 from .config import FlowConfig
 from .layers import data_dependent_init
 from .loading import save_flow
@@ -64,7 +66,8 @@ def bits_per_dim(log_prob: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
     return -log_prob / (math.log(2.0) * hr[0].numel())
 
 
-def _target(flow: SRFlowFamily, hr, lr):
+def _target(flow: Flow, hr, lr):
+    """The flow's modelled target: ``hr``, or ``hr - upsample(lr)`` for residual flows."""
     return hr - flow.upsample(lr) if flow.config.residual else hr
 
 
@@ -154,10 +157,9 @@ def train(recipe: Recipe, out_dir, progress: bool = True, stop_at: int | None = 
             log.flush()
             running = []
         if step % recipe.ckpt_every == 0 or step == recipe.steps:
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": flow.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "step": step}, tmp)
-            tmp.replace(state_path)
+            state = {"model": flow.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "step": step}
+            atomic_write(state_path, lambda tmp, st=state: torch.save(st, tmp))
         if stop_at is not None and step >= stop_at and step < recipe.steps:
             if step % recipe.ckpt_every:
                 raise ValueError(f"stop_at={stop_at} must be a multiple of ckpt_every={recipe.ckpt_every}")

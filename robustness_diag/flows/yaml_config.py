@@ -1,4 +1,6 @@
-"""Reading the original projects' YAML option files (SRFlow ``confs/*.yml``, NCSR/robustNF ``confs/*.yml``).
+"""Reading the original projects' YAML option files (SRFlow ``confs/*.yml``, NCSR/robustNF ``confs/*.yml``, LLFlow
+``confs/*.yml`` into :class:`~.config.FlowConfig` fields; HCFlow ``options/test/*.yml`` into
+:class:`~.config.HCFlowConfig` fields).
 
 Only the settings that shape the network or its sampling are taken; everything else in the file is ignored.
 """
@@ -39,15 +41,20 @@ def _find_key(d, key):
     return None
 
 
-def read_yaml_overrides(path) -> dict:
-    """Returns FlowConfig fields set by an upstream YAML (absent settings are simply not in the dict)."""
-    path = Path(path)
+def _load_yaml(path):
+    """The parsed YAML file; ConfigError when it is missing or not YAML."""
     try:
-        opt = yaml.safe_load(path.read_text())
+        return yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError("config file not found", path) from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"not a valid YAML file ({e})", path) from None
+
+
+def read_yaml_overrides(path) -> dict:
+    """Returns FlowConfig fields set by an upstream YAML (absent settings are simply not in the dict)."""
+    path = Path(path)
+    opt = _load_yaml(path)
     if not isinstance(opt, dict) or "network_G" not in opt:
         raise ConfigError("not an SRFlow-family option file (no 'network_G' section)", path)
     g, flow = opt["network_G"], _get(opt, "network_G", "flow", default={}) or {}
@@ -128,3 +135,44 @@ def apply_overrides(fields: dict, over: dict) -> dict:
     if "L" in over or split_enable is not None:
         merged["f_out"] = 96 if merged["splits"] else 384
     return merged
+
+
+def read_hcflow_overrides(path) -> dict:
+    """Returns HCFlowConfig fields set by an HCFlow option YAML (``network_G.flowDownsampler``); see
+    :func:`read_hcflow_yaml`."""
+    opt = _load_yaml(path)
+    if not isinstance(opt, dict) or "flowDownsampler" not in (opt.get("network_G") or {}):
+        raise ConfigError("not an HCFlow option file (no 'network_G.flowDownsampler' section)", path)
+    return read_hcflow_yaml(opt)
+
+
+def read_hcflow_yaml(opt: dict) -> dict:
+    """HCFlowConfig fields from an HCFlow option dict (``network_G.flowDownsampler``, ``scale``, ``quant``,
+    ``val.heats``: the largest non-zero heat)."""
+    out: dict = {}
+    fd = (opt.get("network_G") or {}).get("flowDownsampler") or {}
+    so = fd.get("splitOff") or {}
+    if opt.get("scale") is not None:
+        out["scale"] = int(opt["scale"])
+    if fd.get("L") is not None:
+        out["L"] = int(fd["L"])
+    after = so.get("after_flowstep")
+    if fd.get("K") is not None and after is not None:
+        L = out.get("L", len(after) if isinstance(after, list) else 2)
+        after_l = after if isinstance(after, list) else [after] * L
+        k_l = fd["K"] if isinstance(fd["K"], list) else [fd["K"]] * L
+        out["K"] = [int(k) - int(a) for k, a in zip(k_l, after_l)]
+        out["n_cond_steps"] = [int(a) for a in after_l]
+    if so.get("RRDB_nb") is not None:
+        out["rrdb_nb"] = [int(b) for b in so["RRDB_nb"]]
+    for src, dst in (("RRDB_nf", "nf"), ("RRDB_gc", "gc")):
+        if so.get(src) is not None:
+            out[dst] = int(so[src])
+    if fd.get("hidden_channels") is not None:
+        out["hidden"] = int(fd["hidden_channels"])
+    if opt.get("quant") is not None:
+        out["quant"] = int(opt["quant"])
+    heats = (opt.get("val") or {}).get("heats")
+    if isinstance(heats, list) and any(float(h) > 0 for h in heats):
+        out["heat"] = max(float(h) for h in heats)
+    return out

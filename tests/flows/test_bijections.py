@@ -2,8 +2,8 @@
 
 Conventions under test: ``forward`` is the density direction, ``inverse`` is sampling; both return the element-wise
 ``ladj`` with the input's shape, and ``ladj_inverse(forward(x)) == -ladj_forward(x)``.
-The omnibus tests follow zuko's ``tests/test_transforms.py``; the spline stress tests follow lesson 6 of the style
-anchors (exact knots, box edges, edges +- 1e-7, far tails, logits x1/x3/x30, float32 and float64).
+The omnibus tests follow zuko's ``tests/test_transforms.py``; the spline stress tests probe the numerically hard
+points (exact knots, box edges, edges +- 1e-7, far tails, logits x1/x3/x30, float32 and float64).
 """
 from __future__ import annotations
 

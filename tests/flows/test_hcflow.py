@@ -1,4 +1,4 @@
-"""HCFlow (SR 4X/8X, ``flow.*`` keys): layouts, detection, bounded coupling, density/sampling maths, exactness.
+"""HCFlow (SR 4X/8X, ``flow.*`` keys): layouts, recognition, bounded coupling, density/sampling maths, exactness.
 
 Exactness fixtures (tests/fixtures/reference/hcflow/README.md) hold outputs of the original HCFlow code; targets:
 decode absolute 1e-4, objective relative 1e-5.
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import robustness_diag as rd
-from robustness_diag.flows.detection import detect_family
+from robustness_diag.flows.config import HCFlowConfig
 from robustness_diag.flows.errors import ArchitectureMismatchError
-from robustness_diag.flows.hcflow import MAX_LOG_SCALE, AtanAffineCoupling, HCFlow, HCFlowConfig, \
-    infer_hcflow_config
+from robustness_diag.flows.hcflow import MAX_LOG_SCALE, AtanAffineCoupling, HCFlow
+from robustness_diag.flows.recognition import infer_hcflow_config, recognize_family
 from robustness_diag.flows.inspect import inspect_flow
 from tests.synth import (build_state_dict, read_manifest, reduce_hcflow_manifest, small_hcflow_checkpoint,
                          state_hash, write_variant)
@@ -44,7 +44,7 @@ def _lr(b=2, h=4, w=6, seed=0):
 def test_manifest_layout_detected_and_rebuilt_exactly(name, expect):
     entries = read_manifest(name)
     shapes = {k: torch.empty(s, device="meta") for k, s in entries}
-    det = detect_family(shapes.keys())
+    det = recognize_family(shapes.keys())
     assert (det.family, det.supported, det.coupling) == ("hcflow", True, "affine_atan")
     fields, problems = infer_hcflow_config(shapes)
     assert problems == [] and {k: fields[k] for k in expect} == expect

@@ -1,4 +1,4 @@
-"""LLFlow (low-light, scale 1): layouts, detection, preprocessing, density/sampling maths, exactness, inspection.
+"""LLFlow (low-light, scale 1): layouts, recognition, preprocessing, density/sampling maths, exactness, inspection.
 
 Exactness fixtures (tests/fixtures/reference/llflow/README.md) hold outputs of the original LLFlow code; targets:
 log_prob relative 1e-5, decode absolute 1e-4.
@@ -14,11 +14,11 @@ import torch
 
 import robustness_diag as rd
 from robustness_diag.data.lowlight import equalize_hist, lowlight_condition
-from robustness_diag.flows.detection import detect_family, infer_architecture
 from robustness_diag.flows.errors import ArchitectureMismatchError
 from robustness_diag.flows.inspect import inspect_flow
 from robustness_diag.flows.layers import squeeze2d
 from robustness_diag.flows.llflow import LLFlow
+from robustness_diag.flows.recognition import infer_architecture, recognize_family
 from tests.synth import (build_state_dict, read_manifest, reduce_manifest, small_llflow_checkpoint,
                          state_hash, write_variant)
 
@@ -45,11 +45,12 @@ def _dark(b=2, h=16, w=16, seed=0):
 def test_manifest_layout_detected_and_rebuilt_exactly(name):
     entries = read_manifest(name)
     shapes = {k: torch.empty(s, device="meta") for k, s in entries}
-    det = detect_family(shapes.keys())
+    det = recognize_family(shapes.keys())
     assert (det.family, det.supported, det.coupling) == ("llflow", True, "affine")
     fields, problems = infer_architecture(shapes, det)
     assert problems == []
-    assert (fields["scale"], fields["in_nc"], fields["encoder_in_nc"], fields["L"], fields["splits"]) == (1, 3, 12, 3, [])
+    got = (fields["scale"], fields["in_nc"], fields["encoder_in_nc"], fields["L"], fields["splits"])
+    assert got == (1, 3, 12, 3, [])
     expect = {"LLFlow_LOL-pc": (64, 24, [12] * 3, 320), "LLFlow_LOL_smallNet": (32, 4, [4] * 3, 64)}[name]
     assert (fields["nf"], fields["nb"], fields["K"], fields["cond_channels"]) == expect
     blocks = [1, 3, 5, 7] if name.endswith("pc") else [1]

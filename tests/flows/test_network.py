@@ -20,7 +20,8 @@ VARIANTS = {
 
 
 def tiny_flow(variant: str, seed: int = 0) -> rd.SRFlowFamily:
-    return randomize_flow(rd.build_flow(FlowConfig(**TINY, **VARIANTS[variant])), seed=seed, lr_size=4, batch=8).double()
+    flow = rd.build_flow(FlowConfig(**TINY, **VARIANTS[variant]))
+    return randomize_flow(flow, seed=seed, lr_size=4, batch=8).double()
 
 
 def _inputs(flow, b=2, lr_size=2, seed=0):
@@ -134,7 +135,7 @@ def test_features_have_reference_names_and_shapes():
 
 
 def test_upsampled_level_features_are_post_activation():
-    """fea_up2 is stored after the reference's in-place LeakyReLU (using pre-activation values is a known 0.13 error)."""
+    """fea_up2 is stored after the reference's in-place LeakyReLU (pre-activation values: a known 0.13 error)."""
     flow = rd.build_flow(FlowConfig(nb=2, K=1, blocks=[0, 1], cond_channels=192, f_in=192))
     raw = flow.RRDB.raw_features(torch.rand(1, 3, 6, 6), ("fea_up2",))
     with torch.no_grad():

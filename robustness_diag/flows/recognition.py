@@ -1,7 +1,10 @@
 """Recognising a flow's family and variant from state_dict key names, and inferring its architecture from shapes.
 
-Rules follow checkpoint-formats.md sections 7 and 9: first match wins; what the weights cannot tell (stacked block
-indices, eps, S, residual output, spline bounds, heat) comes from per-variant defaults and is reported as defaulted.
+Key-pattern rules (``tests/fixtures/manifests``): first match wins; what the weights cannot tell (stacked block
+indices, eps, S, residual output, spline bounds, heat, HCFlow's quant) comes from per-variant defaults and is
+reported as defaulted. The SRFlow family and LLFlow (``flowUpsamplerNet.*`` keys) are inferred by
+:func:`infer_architecture`, HCFlow (``flow.*`` keys) by :func:`infer_hcflow_config`. ("Detection" in this project means
+exploding-inverse detection, :mod:`robustness_diag.detect`.)
 """
 from __future__ import annotations
 
@@ -15,10 +18,12 @@ from .config import default_settings
 _LAYER = re.compile(r"^flowUpsamplerNet\.layers\.(\d+)\.(.*)$")
 _TRUNK = re.compile(r"^RRDB\.RRDB_trunk\.(\d+)\.")
 _COUPLING_ATTRS = ("affine", "affinereparam", "rqspline", "bspline")
+_HC_MAIN = re.compile(r"^flow\.layers\.(\d+)\.")
+_HC_COND = re.compile(r"^flow\.level(\d+)_condFlow\.")
 
 
 @dataclass
-class Detection:
+class Recognition:
     """What the key names say about a checkpoint.
 
     Attributes:
@@ -38,39 +43,39 @@ class Detection:
     evidence: list = field(default_factory=list)
 
 
-def detect_family(keys) -> Detection:
-    """Classifies a checkpoint from its key names (checkpoint-formats.md section 9.2)."""
+def recognize_family(keys) -> Recognition:
+    """Classifies a checkpoint from its key names (the patterns are listed in the README's checkpoint table)."""
     keys = list(keys)
     has = lambda frag: any(frag in k for k in keys)  # noqa: E731
     frozen = has("invconv.weight_transpose")
     suffix = " (frozen 1x1 conv)" if frozen else ""
     if any(k.startswith("flow.level0_condFlow.") for k in keys):
-        return Detection("hcflow", "HCFlow", "affine_atan", "affine", True, evidence=["flow.level0_condFlow.*"])
+        return Recognition("hcflow", "HCFlow", "affine_atan", "affine", True, evidence=["flow.level0_condFlow.*"])
     if not has("flowUpsamplerNet.") and any(k.startswith(("RRDB_trunk.", "conv_first.")) for k in keys):
-        return Detection("rrdb-encoder", "RRDB encoder only (an SRFlow conditioner pre-training file, not a flow)",
+        return Recognition("rrdb-encoder", "RRDB encoder only (an SRFlow conditioner pre-training file, not a flow)",
                          evidence=["conv_first.*/RRDB_trunk.* at top level, no flowUpsamplerNet.*"])
     if "RRDB.conv_second.weight" in keys or has("RRDB.fine_tune_color_map.0.weight"):
-        return Detection("llflow", "LLFlow (low-light enhancement)", "affine", "affine", True,
+        return Recognition("llflow", "LLFlow (low-light enhancement)", "affine", "affine", True,
                          evidence=["RRDB.conv_second / RRDB.fine_tune_color_map"])
     if not has("flowUpsamplerNet.layers."):
-        return Detection("unknown", "unknown (no flowUpsamplerNet.layers.* or other known flow keys)")
+        return Recognition("unknown", "unknown (no flowUpsamplerNet.layers.* or other known flow keys)")
     if has(".rqspline."):
-        return Detection("robustnf", "robustNF RQ-spline" + suffix, "rqspline", "rqspline", True, [".rqspline."])
+        return Recognition("robustnf", "robustNF RQ-spline" + suffix, "rqspline", "rqspline", True, [".rqspline."])
     if has(".bspline."):
-        return Detection("robustnf", "robustNF B-spline" + suffix, "bspline", "bspline", False, [".bspline."])
+        return Recognition("robustnf", "robustNF B-spline" + suffix, "bspline", "bspline", False, [".bspline."])
     if has(".affinereparam."):
-        return Detection("robustnf", "robustNF affine-reparam" + suffix, "affine_reparam", "affinereparam", True,
+        return Recognition("robustnf", "robustNF affine-reparam" + suffix, "affine_reparam", "affinereparam", True,
                          [".affinereparam."])
     if has(".affine.fAffine_std."):
-        return Detection("ncsr", "NCSR / FS-NCSR (affine + std branch)" + suffix, "affine", "affine", True,
+        return Recognition("ncsr", "NCSR / FS-NCSR (affine + std branch)" + suffix, "affine", "affine", True,
                          [".affine.fAffine_std."])
     if has(".affine.fAffine1."):
-        return Detection("srflow-da", "SRFlow-DA-R/D", "affine", "affine", evidence=[".affine.fAffine1."])
+        return Recognition("srflow-da", "SRFlow-DA-R/D", "affine", "affine", evidence=[".affine.fAffine1."])
     if has(".affine.fAffine.0.bias") and not has(".affine.fAffine.0.actnorm.bias"):
-        return Detection("srflow-da", "SRFlow-DA", "affine", "affine", evidence=["fAffine.0.bias without actnorm"])
+        return Recognition("srflow-da", "SRFlow-DA", "affine", "affine", evidence=["fAffine.0.bias without actnorm"])
     if has(".affine.fAffine."):
-        return Detection("srflow", "SRFlow" + suffix, "affine", "affine", True, [".affine.fAffine."])
-    return Detection("unknown", "SRFlow-like layer list without a known coupling")
+        return Recognition("srflow", "SRFlow" + suffix, "affine", "affine", True, [".affine.fAffine."])
+    return Recognition("unknown", "SRFlow-like layer list without a known coupling")
 
 
 @dataclass
@@ -108,12 +113,12 @@ def _actnorm_width(state, i: int) -> int:
     return int(t.shape[1]) if t is not None and t.dim() == 4 else 0
 
 
-def infer_architecture(state, det: Detection) -> tuple[dict, list]:
+def infer_architecture(state, rec: Recognition) -> tuple[dict, list]:
     """Infers FlowConfig fields from shapes. Returns ``(fields, problems)``; ``fields`` holds only what the weights
     tell (architecture), ``problems`` lists inconsistencies (channel progression, non-uniform K, ...)."""
     problems = []
     shape = lambda k: tuple(state[k].shape) if k in state else None  # noqa: E731
-    f = {"family": det.family, "coupling": det.coupling, "coupling_attr": det.coupling_attr}
+    f = {"family": rec.family, "coupling": rec.coupling, "coupling_attr": rec.coupling_attr}
     cf = shape("RRDB.conv_first.weight")
     if cf is None:
         raise KeyError("RRDB.conv_first.weight")
@@ -123,7 +128,7 @@ def infer_architecture(state, det: Detection) -> tuple[dict, list]:
     c1 = shape("RRDB.RRDB_trunk.0.RDB1.conv1.weight")
     f["gc"] = c1[0] if c1 else 32
     f["scale"] = 16 if "RRDB.upconv4.weight" in state else 8 if "RRDB.upconv3.weight" in state else 4
-    if det.family == "llflow":
+    if rec.family == "llflow":
         # ConEncoder1: conv_first sees log + histeq image + colour/noise maps (12); the flow models a 3-channel image.
         f["scale"], f["encoder_in_nc"], f["in_nc"] = 1, cf[1], 3
 
@@ -158,7 +163,7 @@ def infer_architecture(state, det: Detection) -> tuple[dict, list]:
             c = c - int(round(c * 0.5))
 
     first = next((s for s in slots if s.kind == "coupling"), None)
-    attr = det.coupling_attr
+    attr = rec.coupling_attr
     if first is not None and attr:
         p = f"flowUpsamplerNet.layers.{first.index}.{attr}."
         feat = shape(p + "fFeatures.0.weight")
@@ -179,13 +184,13 @@ def infer_architecture(state, det: Detection) -> tuple[dict, list]:
     return f, problems
 
 
-def infer_std_steps(state, det: Detection, fields: dict) -> tuple[list | None, str]:
+def infer_std_steps(state, rec: Recognition, fields: dict) -> tuple[list | None, str]:
     """NCSR ``S`` from weights: a std branch that never ran keeps its init (``.4.*`` and ``.0.actnorm.*`` all zero).
 
     Returns ``(S or None, explanation)``; None when the heuristic is inconclusive (no step, or every step, at init).
     """
     std_net = {"affine": "fAffine_std", "affinereparam": "fAffine_std", "rqspline": "fRQspline_std"}.get(
-        det.coupling_attr)
+        rec.coupling_attr)
     if not std_net or not fields.get("std_channels"):
         return None, "no std branch"
     slots = scan_layers(state)
@@ -195,7 +200,7 @@ def infer_std_steps(state, det: Detection, fields: dict) -> tuple[list | None, s
             level += 1
             per_level.append([])
         elif s.kind == "coupling":
-            p = f"flowUpsamplerNet.layers.{s.index}.{det.coupling_attr}.{std_net}."
+            p = f"flowUpsamplerNet.layers.{s.index}.{rec.coupling_attr}.{std_net}."
             at_init = all(
                 p + k in state and not bool(torch.count_nonzero(state[p + k]))
                 for k in ("4.weight", "4.bias", "4.logs", "0.actnorm.bias", "0.actnorm.logs"))
@@ -217,7 +222,66 @@ def infer_std_steps(state, det: Detection, fields: dict) -> tuple[list | None, s
     return S, "std-branch weights still at init mark the steps that never ran it"
 
 
-def defaults_for(det: Detection, fields: dict) -> dict:
+def defaults_for(rec: Recognition, fields: dict) -> dict:
     """Per-variant reference defaults for the non-inferable settings, fitted to the inferred architecture."""
     n_blocks = max(0, fields.get("cond_channels", 320) // max(1, fields["nf"]) - 1)
-    return default_settings(det.family, det.coupling or "affine", fields["scale"], fields["nb"], n_blocks)
+    return default_settings(rec.family, rec.coupling or "affine", fields["scale"], fields["nb"], n_blocks)
+
+
+# -- HCFlow (keys ``flow.*``) -------------------------------------------------------------------------------------
+
+def consecutive_runs(indices) -> list[list[int]]:
+    """Splits sorted layer indices into runs of consecutive ones (``[1, 2, 5, 6]`` -> ``[[1, 2], [5, 6]]``)."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def infer_hcflow_config(state) -> tuple[dict, list]:
+    """HCFlowConfig fields from key names and shapes; returns ``(fields, problems)``.
+
+    Main steps per level: runs of consecutive ``flow.layers.{i}`` indices (a squeeze and a split leave gaps);
+    conditional steps and RRDB depths: counted under each ``level{l}_condFlow``; hidden: ``conv1`` output channels.
+    """
+    problems = []
+    idx = sorted({int(m.group(1)) for k in state for m in [_HC_MAIN.match(k)] if m})
+    levels = sorted({int(m.group(1)) for k in state for m in [_HC_COND.match(k)] if m})
+    L = len(levels)
+    runs = consecutive_runs(idx)
+    K = [len(r) for r in runs]
+    if len(K) != L:
+        problems.append(f"{len(K)} runs of main flow steps but {L} conditional flows")
+    expected_first = 1
+    for r in runs:
+        if r[0] != expected_first:
+            problems.append(f"main steps start at index {r[0]}, expected {expected_first} (squeeze/split gaps)")
+        expected_first = r[-1] + 3
+
+    def count(prefix: str, pat: str) -> int:
+        rx = re.compile(re.escape(prefix) + pat)
+        found = {int(m.group(1)) for k in state for m in [rx.match(k)] if m}
+        return 1 + max(found) if found else 0
+
+    n_cond = [count(f"flow.level{l}_condFlow.", r"additional_flow_steps\.(\d+)\.") for l in levels]
+    nb0 = count("flow.level0_condFlow.", r"RRDB_trunk0\.(\d+)\.")
+    nb1 = count("flow.level0_condFlow.", r"RRDB_trunk1\.(\d+)\.")
+    cf = state.get("flow.level0_condFlow.conv_first.weight")
+    c1 = state.get("flow.layers.1.affine.f.conv1.weight")
+    in_nc = 3
+    an = state.get("flow.layers.1.actnorm.bias")
+    if an is not None:
+        in_nc = int(an.shape[1]) // 4
+    g = state.get("flow.level0_condFlow.RRDB_trunk0.0.RDB1.conv1.weight")
+    fields = {"scale": 2 ** L, "L": L, "K": K, "n_cond_steps": n_cond, "rrdb_nb": [nb0, nb1],
+              "nf": int(cf.shape[0]) if cf is not None else 64, "gc": int(g.shape[0]) if g is not None else 32,
+              "hidden": int(c1.shape[0]) if c1 is not None else 64, "in_nc": in_nc}
+    return fields, problems
+
+
+def hcflow_defaults(scale: int) -> dict:
+    """Settings no weight reveals (the test YAMLs): heat 0.9 and quant 64 for 4X, heat 0.8 and quant 256 for 8X."""
+    return {"heat": 0.8, "quant": 256} if scale == 8 else {"heat": 0.9, "quant": 64}

@@ -4,8 +4,9 @@
 inverse statistics, attribution and explosion maps, artifact masks); ``rd.detect.safe_sample(...)`` ->
 :class:`SafeSampleResult` (samples whose artifact pixels are repaired at lower heat, with what was repaired).
 """
-from .trace import (GROWTH_FLOOR, GROWTH_THRESHOLD, LOWER, UPPER, LayerRecord, StageRecord, TraceResult,
-                    artifact_masks, draw_sample_latents, layer_names, trace_sampling)
+from .records import LayerRecord, StageRecord, TraceResult
+from .trace import (GROWTH_FLOOR, GROWTH_THRESHOLD, LOWER, UPPER, artifact_masks, draw_sample_latents, layer_names,
+                    trace_sampling)
 from .safe import SafeSampleResult, safe_sample
 
 __all__ = ["trace_sampling", "safe_sample", "TraceResult", "SafeSampleResult", "LayerRecord", "StageRecord",

@@ -1,7 +1,10 @@
 """Does the OOD score predict where the flow breaks? Statistics and report data for one or more models.
 
-The pipeline takes per-position observations (score, artifact events over samples, image id; see
-:mod:`.stats`) for each model, computes :func:`.stats.correlate`, and writes to ``out``:
+``run(CorrelateConfig, render=None) -> CorrelateResult``. The inputs are part of the config: the output folders of
+``robustness-diag score`` and ``sample`` (``run_dirs``, paired by the checkpoint's weights digest), the 2-D toy
+(:class:`ToyCorrelateConfig`), or per-position observations already in hand (``results``, e.g. from the audit).
+For each model the pipeline takes per-position observations (score, artifact events over samples, image id; see
+:mod:`.stats`), computes :func:`.stats.correlate`, and writes to ``out``:
 
 * ``metrics.json``: every statistic per model (with bootstrap intervals and "undefined" reasons);
 * ``report_data.json`` (+ ``examples.npz``): everything the figures are drawn from.
@@ -9,21 +12,23 @@ The pipeline takes per-position observations (score, artifact events over sample
 The report layer (:mod:`robustness_diag.reports.correlate_report`, passed in as ``render``) draws one PNG + CSV
 sidecar per figure (reliability, ROC/PR, score histograms, per-image scatter, layer traces, examples) and the
 self-contained ``report.html`` from those files, so ``robustness-diag report OUT`` rebuilds them without the models.
-
-Sources of observations: :func:`toy_results` (the 2-D toy: one "image" per condition) and
-:func:`results_from_run_dirs` (the folders written by ``robustness-diag score`` and ``sample``).
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from robustness_diag.exit_codes import EXIT_OK, EXIT_USAGE
+from robustness_diag.io import atomic_write, atomic_write_json
+
 from . import stats as S
+from .folder_run import read_frame
+from .inputs import flat_name
 
 
 @dataclass
@@ -32,7 +37,8 @@ class ModelResult:
 
     ``obs``: per-position observations; ``explosion``: optional per-position explosion statistic ``[N]``;
     ``layer_traces``: ``{label: [{"layer", "max_log_slope"}, ...]}``; ``slope_bound``: the coupling's analytic
-    log inverse-slope bound, if it has one; ``examples``: panels for :func:`reports.figures.example_panel`.
+    log inverse-slope bound, if it has one; ``examples``: panels for :func:`reports.figures.example_panel`;
+    ``join``: for run folders, the image counts of :func:`join_runs`.
     """
 
     name: str
@@ -43,10 +49,24 @@ class ModelResult:
     examples: list = field(default_factory=list)
     image_names: Optional[list] = None
     notes: list = field(default_factory=list)
+    join: Optional[dict] = None
 
 
 @dataclass
 class CorrelateConfig:
+    """``robustness-diag correlate``.
+
+    Attributes:
+        out: the report folder (created).
+        run_dirs: output folders of ``score`` (with ``--save-maps``) and ``sample`` (with ``--save-maps``), any order.
+        grid: ``"feature"`` (an event per feature-grid cell and sample when any HR pixel of the cell is an artifact)
+            or ``"hr"`` (the score map upsampled to HR pixels); see :func:`results_from_run_dirs`.
+        results: observations already in hand (used instead of ``run_dirs``; not recorded in the JSON files).
+        n_bins: equal-count score bins of the reliability curve. n_resamples: image-bootstrap resamples.
+        false_alarm: target false-alarm rate of the recommended threshold. confidence: of the bootstrap intervals.
+        seed: bootstrap seed. title: the report's title.
+    """
+
     out: str = "runs/correlate"
     n_bins: int = 10
     n_resamples: int = 1000
@@ -54,11 +74,17 @@ class CorrelateConfig:
     confidence: float = 0.95
     seed: int = 0
     title: str = "OOD score vs exploding-inverse artifacts"
+    run_dirs: Sequence[str] = ()
+    grid: str = "feature"
+    results: Sequence[ModelResult] = field(default=(), repr=False)
 
 
 # -- the 2-D toy ------------------------------------------------------------------------------------------------------
 @dataclass
 class ToyCorrelateConfig(CorrelateConfig):
+    """The 2-D toy (both couplings) instead of run folders: see :func:`toy_results`. ``flows``: already trained toys
+    by coupling name (None: train each with ``steps`` and ``train_seed``; not recorded in the JSON files)."""
+
     out: str = "runs/toy_correlate"
     steps: int = 1000
     train_seed: int = 0
@@ -67,6 +93,21 @@ class ToyCorrelateConfig(CorrelateConfig):
     samples: int = 64              # samples per condition
     heat: float = 0.9
     slope_threshold: float = 100.0  # a sample "explodes" when some coupling's inverse slope exceeds this
+    flows: Optional[dict] = field(default=None, repr=False)
+
+
+@dataclass
+class CorrelateResult:
+    """What ``correlate`` wrote: ``exit_code`` (0 done, 2 unusable inputs with ``error``), the report folder, the
+    statistics per model (as in ``metrics.json``), the report path (None without ``render``) and, for run folders,
+    per model what the score/sample join left out (:func:`join_runs`)."""
+
+    exit_code: int = EXIT_OK
+    error: Optional[str] = None
+    out: Optional[Path] = None
+    metrics: dict = field(default_factory=dict)
+    report: Optional[Path] = None
+    joins: dict = field(default_factory=dict)
 
 
 def toy_results(cfg: ToyCorrelateConfig, couplings=("affine", "rqspline"), flows: Optional[dict] = None
@@ -126,20 +167,40 @@ def _read_run(d: Path) -> dict:
     return info
 
 
-def _ok_keys(table: Path) -> list:
-    import csv
-    with open(table, newline="", encoding="utf-8") as f:
-        return [r["path"] for r in csv.DictReader(f) if r.get("status") == "ok"]
+def join_runs(score_dir, sample_dir) -> tuple[list, dict]:
+    """The images processed successfully by both runs, and what the join left out.
+
+    Reads ``scores.csv`` of the score run and ``samples.csv`` of the sample run (their ``status`` column) and joins
+    them on the image key (``path``). Returns ``(keys, counts)``: the keys ok in both, in ``scores.csv`` order, and
+    ``{"joined", "score_failed", "sample_failed", "scored_not_sampled", "sampled_not_scored"}`` image counts
+    (``*_not_*``: ok in one run, absent from or failed in the other).
+    """
+    scores = read_frame(Path(score_dir) / "scores.csv")
+    samples = read_frame(Path(sample_dir) / "samples.csv")
+
+    def ok_paths(df):
+        if df.empty:
+            return df.reindex(columns=["path"])
+        return df.loc[df["status"] == "ok", ["path"]].drop_duplicates()
+
+    def failed(df):
+        return 0 if df.empty else int((~df.loc[df["status"] != "ok", "path"].isin(ok_paths(df)["path"])).sum())
+
+    s_ok, p_ok = ok_paths(scores), ok_paths(samples)
+    joined = s_ok.merge(p_ok, on="path", how="inner")            # keeps the order of scores.csv
+    keys = joined["path"].tolist()
+    counts = {"joined": len(keys), "score_failed": failed(scores), "sample_failed": failed(samples),
+              "scored_not_sampled": int((~s_ok["path"].isin(p_ok["path"])).sum()),
+              "sampled_not_scored": int((~p_ok["path"].isin(s_ok["path"])).sum())}
+    return keys, counts
 
 
-def _pool_events(mask: np.ndarray, grid: tuple) -> np.ndarray:
-    """``[S, H, W]`` bool masks -> per-cell event counts ``[h, w]`` (a cell is an event in a sample when any of its
-    HR pixels is an artifact)."""
-    import torch
-    import torch.nn.functional as F
-
-    m = torch.from_numpy(np.asarray(mask, np.float32))[:, None]
-    return F.adaptive_max_pool2d(m, grid)[:, 0].sum(0).numpy()
+def _join_note(counts: dict) -> str:
+    left = [f"{counts[k]} {text}" for k, text in (("score_failed", "failed in score"),
+                                                    ("sample_failed", "failed in sample"),
+                                                    ("scored_not_sampled", "scored but not sampled"),
+                                                    ("sampled_not_scored", "sampled but not scored")) if counts[k]]
+    return f"{counts['joined']} images in both runs" + (f"; left out: {', '.join(left)}" if left else "")
 
 
 def results_from_run_dirs(dirs, grid: str = "feature") -> list[ModelResult]:
@@ -150,8 +211,11 @@ def results_from_run_dirs(dirs, grid: str = "feature") -> list[ModelResult]:
     artifact masks (``maps/<name>.npz``); ``grid="feature"`` counts an event per feature-grid cell and sample when any
     HR pixel of the cell is an artifact; ``grid="hr"`` upsamples the score map to HR (bilinear) instead. The
     explosion statistic per position is its maximum over samples (non-finite = exploded, counted as +1e30).
+    Which images enter is :func:`join_runs`; what it left out is in each model's notes and ``join``.
     """
-    from robustness_diag.analyses.score import _flat_name
+    import torch
+
+    from robustness_diag.detect.pooling import events_per_cell, max_per_cell
 
     groups: dict = {}
     for d in map(Path, dirs):
@@ -169,13 +233,13 @@ def results_from_run_dirs(dirs, grid: str = "feature") -> list[ModelResult]:
                              f"RUN_DIRs")
         (sdir, sinfo), (pdir, _) = g["score"], g["sample"]
         level = sinfo["scoring"]["levels"][0]
-        keys = [k for k in _ok_keys(sdir / "scores.csv") if k in set(_ok_keys(pdir / "samples.csv"))]
+        keys, counts = join_runs(sdir, pdir)
         if not keys:
             raise ValueError(f"{sdir} and {pdir} have no successfully processed image in common")
         scores, events, trials, image, explosion, names = [], [], [], [], [], []
         best = (-1.0, None)
         for i, key in enumerate(keys):
-            name = _flat_name(key)
+            name = flat_name(key)
             smap_path, npz_path = sdir / "maps" / f"{name}.{level}.npy", pdir / "maps" / f"{name}.npz"
             if not smap_path.is_file():
                 raise FileNotFoundError(f"{smap_path}: missing; run 'score' with --save-maps")
@@ -186,14 +250,12 @@ def results_from_run_dirs(dirs, grid: str = "feature") -> list[ModelResult]:
             mask, ex = z["artifact_mask"], np.nan_to_num(z["explosion"].astype(np.float64), nan=1e30, posinf=1e30)
             S_ = mask.shape[0]
             if grid == "hr":
-                import torch
-                import torch.nn.functional as F
-                smap = F.interpolate(torch.from_numpy(smap)[None, None], size=mask.shape[1:], mode="bilinear",
-                                     align_corners=False)[0, 0].numpy()
+                smap = torch.nn.functional.interpolate(torch.from_numpy(smap)[None, None], size=mask.shape[1:],
+                                                       mode="bilinear", align_corners=False)[0, 0].numpy()
                 ev, exm = mask.sum(0), ex.max(0)
             else:
-                ev = _pool_events(mask, smap.shape)
-                exm = _pool_events_max(ex, smap.shape)
+                ev = events_per_cell(torch.from_numpy(mask), smap.shape)[0].numpy()
+                exm = max_per_cell(torch.from_numpy(ex), smap.shape).numpy()
             scores.append(smap.ravel())
             events.append(ev.ravel())
             trials.append(np.full(smap.size, S_))
@@ -210,17 +272,8 @@ def results_from_run_dirs(dirs, grid: str = "feature") -> list[ModelResult]:
         results.append(ModelResult(label, obs, np.concatenate(explosion), image_names=names,
                                    examples=[best[1]] if best[1] is not None else [],
                                    notes=[f"{label}: scores from {sdir} (level {level}), samples from {pdir}; grid "
-                                          f"'{grid}'"]))
+                                          f"'{grid}'; {_join_note(counts)}"], join=counts))
     return results
-
-
-def _pool_events_max(x: np.ndarray, grid: tuple) -> np.ndarray:
-    """``[S, H, W]`` -> max over samples and over each cell's HR block, ``[h, w]``."""
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.asarray(x, np.float64)).amax(0)[None, None]
-    return F.adaptive_max_pool2d(t, grid)[0, 0].numpy()
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
@@ -238,62 +291,104 @@ def analyse(results: list[ModelResult], cfg: CorrelateConfig) -> dict:
     return metrics
 
 
-def run(results: list[ModelResult], cfg: CorrelateConfig, render: Optional[Callable] = None) -> dict:
-    """Computes the statistics and writes ``metrics.json``, ``report_data.json`` and ``examples.npz``.
+#: config fields that are inputs (objects, not settings): never written to the JSON files
+_INPUT_FIELDS = ("results", "flows", "run_dirs", "grid")
+
+
+def config_record(cfg: CorrelateConfig) -> dict:
+    """The settings of ``cfg`` as written to ``metrics.json`` and ``report_data.json``: every field but the inputs,
+    plus ``run_dirs`` and ``grid`` when the observations come from run folders."""
+    rec = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _INPUT_FIELDS}
+    if cfg.run_dirs and not cfg.results:
+        rec.update(run_dirs=[str(d) for d in cfg.run_dirs], grid=cfg.grid)
+    return rec
+
+
+def gather(cfg: CorrelateConfig) -> list[ModelResult]:
+    """The observations the config names: ``results`` if given, else the toy (:class:`ToyCorrelateConfig`), else
+    the ``run_dirs``.
+
+    Raises:
+        ValueError, FileNotFoundError: no inputs, or run folders that cannot be joined (named with the reason).
+    """
+    if cfg.results:
+        return list(cfg.results)
+    if isinstance(cfg, ToyCorrelateConfig):
+        return toy_results(cfg, flows=cfg.flows)
+    if cfg.run_dirs:
+        if cfg.grid not in ("feature", "hr"):
+            raise ValueError(f"grid must be 'feature' or 'hr', got {cfg.grid!r}")
+        return results_from_run_dirs(cfg.run_dirs, grid=cfg.grid)
+    raise ValueError("nothing to correlate: give the output folders of 'score' and 'sample' (run_dirs), the toy, "
+                     "or results")
+
+
+def run(config: CorrelateConfig, render: Optional[Callable] = None) -> CorrelateResult:
+    """Gathers the observations (:func:`gather`), computes the statistics and writes ``metrics.json``,
+    ``report_data.json`` and ``examples.npz``; never raises for unusable inputs (``exit_code`` 2 and ``error``).
 
     ``render(out_dir) -> Path``: draws the figures and ``report.html`` from those files (the CLI passes
-    :func:`robustness_diag.reports.correlate_report.rerender`; analyses never import the report layer).
-    Returns ``{"out", "metrics", "report"}`` (``report`` None without ``render``)."""
+    :func:`robustness_diag.reports.correlate_report.rerender`; analyses never import the report layer)."""
+    try:
+        results = gather(config)
+    except (FileNotFoundError, ValueError) as e:
+        return CorrelateResult(exit_code=EXIT_USAGE, error=str(e))
+    return write_results(results, config, render)
+
+
+def write_results(results: Sequence[ModelResult], cfg: CorrelateConfig,
+                  render: Optional[Callable] = None) -> CorrelateResult:
+    """The statistics of ``results`` written to ``cfg.out`` (``cfg``'s own inputs are not looked at); see
+    :func:`run`."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = analyse(results, cfg)
-    data = {"title": cfg.title, "config": {k: v for k, v in vars(cfg).items()},
-            "metrics": metrics,
+    data = report_data(results, cfg, metrics, notes=[n for r in results for n in r.notes])
+    atomic_write_json(out / "metrics.json", {"config": data["config"], "models": metrics})
+    atomic_write_json(out / "report_data.json", data)
+    examples = titled_examples(results)
+    if examples:
+        save_examples(out / "examples.npz", examples)
+    elif (out / "examples.npz").exists():
+        (out / "examples.npz").unlink()               # a stale file from an earlier run must not be rendered
+    report = render(out) if render is not None else None
+    return CorrelateResult(out=out, metrics=metrics, report=None if report is None else Path(report),
+                           joins={r.name: r.join for r in results if r.join is not None})
+
+
+def report_data(results: Sequence[ModelResult], cfg: CorrelateConfig, metrics: dict, notes: Sequence[str]) -> dict:
+    """What the correlation figures are drawn from (``report_data.json``): title, config record, ``metrics``
+    (:func:`analyse` of ``results``), score histogram counts, layer traces with their slope bounds, ``notes``."""
+    return {"title": cfg.title, "config": config_record(cfg), "metrics": metrics,
             "histograms": {r.name: S.score_histogram_counts(r.obs.score, r.obs.events, r.obs.trials)
                            for r in results},
             "layer_traces": {f"{r.name}: {k}": v for r in results for k, v in r.layer_traces.items()},
             "slope_bounds": {f"{r.name}: {k}": r.slope_bound for r in results for k in r.layer_traces
                              if r.slope_bound is not None},
-            "notes": [n for r in results for n in r.notes],
+            "notes": list(notes),
             "n_examples": sum(len(r.examples) for r in results)}
-    _write_json(out / "metrics.json", {"config": data["config"], "models": metrics})
-    _write_json(out / "report_data.json", data)
-    examples = [dict(ex, title=f"{r.name}: {ex.get('title', '')}") for r in results for ex in r.examples]
-    if examples:
-        _save_examples(out / "examples.npz", examples)
-    elif (out / "examples.npz").exists():
-        (out / "examples.npz").unlink()               # a stale file from an earlier run must not be rendered
-    report = render(out) if render is not None else None
-    return {"out": str(out), "metrics": metrics, "report": None if report is None else str(report)}
+
+
+def titled_examples(results: Sequence[ModelResult]) -> list:
+    """Every model's example panels, titled ``"<model>: <panel title>"`` (what ``examples.npz`` holds)."""
+    return [dict(ex, title=f"{r.name}: {ex.get('title', '')}") for r in results for ex in r.examples]
 
 
 # -- small I/O helpers ------------------------------------------------------------------------------------------------
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
-    tmp.replace(path)
-
-
-def _jsonable(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-def _save_examples(path: Path, examples: list) -> None:
+def save_examples(path: Path, examples: list) -> Path:
+    """Writes example panels (dicts of arrays with a ``title``) atomically as ``examples.npz``: ``titles`` and
+    ``"<index>/<key>"`` arrays (read back by :func:`load_examples`)."""
     arrays, titles = {}, []
     for i, ex in enumerate(examples):
         titles.append(str(ex.get("title", i)))
         for k, v in ex.items():
             if k != "title" and v is not None:
                 arrays[f"{i}/{k}"] = np.asarray(v)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, titles=np.array(titles), **arrays)
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:       # a file object: NumPy would append .npz to the temporary name
+            np.savez_compressed(fh, titles=np.array(titles), **arrays)
+    return atomic_write(path, write)
 
 
 def load_examples(path: Path) -> list:
@@ -305,3 +400,8 @@ def load_examples(path: Path) -> list:
             i, k = key.split("/", 1)
             out[int(i)][k] = z[key]
     return out
+
+
+__all__ = ["ModelResult", "CorrelateConfig", "ToyCorrelateConfig", "CorrelateResult", "toy_results", "join_runs",
+           "results_from_run_dirs", "analyse", "config_record", "gather", "run", "write_results", "report_data",
+           "titled_examples", "save_examples", "load_examples"]

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 import platform
 import sys
 import time
@@ -39,8 +37,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from robustness_diag.data.images import DecodedImage, ImageItem, ImageReadError, read_image
+from robustness_diag.exit_codes import EXIT_FAILED, EXIT_OK
+from robustness_diag.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 LEADING_COLUMNS = ("path", "status", "error")
 TRAILING_COLUMNS = ("notes", "seconds")
 
@@ -121,49 +120,6 @@ class FolderRunResult:
 # small helpers (also used by commands)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def atomic_write_text(path, text: str) -> Path:
-    """Writes ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def atomic_write_json(path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):
-        try:
-            return _jsonable(obj.item())
-        except (ValueError, RuntimeError):
-            pass
-    if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
-        return _jsonable(asdict(obj))
-    return str(obj)
-
-
 def versions() -> dict:
     """Versions of the interpreter and the libraries that shape the numbers."""
     import numpy
@@ -208,13 +164,37 @@ def read_table(path) -> tuple[list[str], list[dict]]:
     return list(reader.fieldnames or []), rows
 
 
+#: columns of a result table that hold text even when every value looks like a number
+TEXT_COLUMNS = ("path", "status", "error", "notes")
+
+
+def read_frame(path):
+    """A table written by :func:`run_folder` (or any CSV of the toolkit) as a :class:`pandas.DataFrame`.
+
+    A torn last line is ignored. ``path``/``status``/``error``/``notes`` and every column with a non-numeric value
+    stay text exactly as written (an image called ``NA.png`` stays ``"NA.png"``); the other columns become numbers
+    (``nan``/``inf`` included; empty cells NaN)."""
+    import pandas as pd
+    text = Path(path).read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    if not text.strip():
+        return pd.DataFrame()
+    df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    for col in df.columns:
+        if col in TEXT_COLUMNS:
+            continue
+        values = df[col].str.strip()
+        numbers = pd.to_numeric(values.where(values != ""), errors="coerce")
+        if not (numbers.isna() & (values != "")).any():
+            df[col] = numbers
+    return df
+
+
 def _repair_torn_tail(path: Path) -> None:
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
-        keep = data[:data.rfind(b"\n") + 1]
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(keep)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data[:data.rfind(b"\n") + 1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -396,5 +376,5 @@ def _compact(path: Path, header: list) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-__all__ = ["FolderRunConfig", "FolderRunResult", "FolderRunError", "run_folder", "read_table", "atomic_write_json",
-           "atomic_write_text", "versions", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "DecodedImage", "ImageItem"]
+__all__ = ["FolderRunConfig", "FolderRunResult", "FolderRunError", "run_folder", "read_table", "read_frame",
+           "versions", "DecodedImage", "ImageItem"]

@@ -20,14 +20,19 @@ Odd LR sizes are padded (replicate) to what the flow's squeezes need and the out
 from __future__ import annotations
 
 import csv
+import io
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .folder_run import EXIT_USAGE, FolderRunConfig, FolderRunError, FolderRunResult, read_table, run_folder
-from .score import InputOptions, _config_record, _device, _flat_name, _setup_errors, _to_lr
+from robustness_diag.devices import DEFAULT_DEVICE
+from robustness_diag.exit_codes import EXIT_OK, EXIT_USAGE
+from robustness_diag.io import atomic_write, atomic_write_text
+
+from .folder_run import FolderRunConfig, FolderRunError, FolderRunResult, read_table, run_folder
+from .inputs import InputOptions, config_record, decoder, flat_name, list_inputs, setup_errors, to_lr
 
 DETAIL_COLUMNS = ["path", "sample", "artifact_pixels", "artifact_fraction", "nan_pixels", "inf_pixels",
                   "max_inverse_slope", "max_log_inverse_slope", "first_exploding_layer", "first_exploding_layer_name",
@@ -50,7 +55,7 @@ class SampleConfig:
     save_maps: bool = False
     save_samples: bool = False
     max_lr_pixels: int = 512 * 512
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     resume: bool = False
     retry_failed: bool = False
     overwrite: bool = False
@@ -60,7 +65,11 @@ class SampleConfig:
 
 @dataclass
 class SampleResult:
-    exit_code: int = 0
+    """What the sampling did: ``exit_code`` (0 all sampled, 1 some files failed, 2 setup error with ``error``), the
+    per-image loop's :class:`.folder_run.FolderRunResult` (its ``csv_path`` is ``samples.csv``) and the output
+    folder (``sample_rows.csv`` and ``maps/`` beside it)."""
+
+    exit_code: int = EXIT_OK
     error: Optional[str] = None
     run: Optional[FolderRunResult] = None
     out_dir: Optional[Path] = None
@@ -82,38 +91,38 @@ def _detail_keep_ok(detail: Path, table: Path) -> None:
     ok = {r["path"] for r in rows if r.get("status") == "ok"}
     with open(detail, newline="", encoding="utf-8") as f:
         kept = [r for r in csv.DictReader(f) if r.get("path") in ok]
-    tmp = detail.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=DETAIL_COLUMNS)
-        w.writeheader()
-        w.writerows(kept)
-    tmp.replace(detail)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=DETAIL_COLUMNS)
+    w.writeheader()
+    w.writerows(kept)
+    atomic_write_text(detail, buf.getvalue())
 
 
-def sample(cfg: SampleConfig) -> SampleResult:
+def run(config: SampleConfig) -> SampleResult:
     """Samples every image with detection; never raises for setup errors or bad files (see ``exit_code``)."""
     import numpy as np
     import torch
 
     import robustness_diag as rd
-    from robustness_diag.data.images import list_images, read_image
     from robustness_diag.data.tiling import pad_to_multiple
     from robustness_diag.detect import trace_sampling
+    from robustness_diag.detect.pooling import events_per_cell
+    from robustness_diag.devices import resolve_device
+
+    cfg = config
 
     timing = {"load_seconds": 0.0, "sample_seconds": 0.0, "write_seconds": 0.0}
     t0 = time.time()
     try:
         if cfg.samples < 1:
             raise ValueError(f"samples must be >= 1, got {cfg.samples}")
-        device = _device(cfg.device)
+        device = resolve_device(cfg.device)
         flow = rd.load_flow(cfg.checkpoint, device=device).eval()
         digest = rd.weights_digest(flow)
         inp = cfg.inputs
-        items = list_images(inp.images, include=inp.include, exclude=inp.exclude, recursive=inp.recursive)
-        if not items:
-            raise ValueError(f"no image files found in {', '.join(map(str, inp.images))}")
+        items = list_inputs(inp)
         out_dir = Path(cfg.out_dir)
-    except _setup_errors() as e:
+    except setup_errors() as e:
         return SampleResult(exit_code=EXIT_USAGE, error=str(e))
     timing["load_seconds"] = round(time.time() - t0, 3)
     scale = int(flow.config.scale)
@@ -129,7 +138,7 @@ def sample(cfg: SampleConfig) -> SampleResult:
                "explosion_map_max"]
 
     def work(item, decoded):
-        lr, (H, W) = _to_lr(decoded, bool(inp.from_hr), scale, inp.min_size)
+        lr, (H, W) = to_lr(decoded, bool(inp.from_hr), scale, inp.min_size)
         h, w = lr.shape[-2:]
         if h * w > cfg.max_lr_pixels:
             raise ValueError(f"LR image {w}x{h} has more than max_lr_pixels={cfg.max_lr_pixels} pixels (sampling "
@@ -157,17 +166,16 @@ def sample(cfg: SampleConfig) -> SampleResult:
                 wr.writeheader()
             for r in rows:
                 wr.writerow({**r, "path": item.key})
-        name = _flat_name(item.key)
-        events = torch.nn.functional.max_pool2d(mask.float()[:, None], scale)[:, 0].sum(0)     # [h, w]
+        name = flat_name(item.key)
+        events = events_per_cell(mask, (h, w))[0]                                              # [h, w]
         if cfg.save_maps:
             maps = out_dir / "maps"
             maps.mkdir(parents=True, exist_ok=True)
-            tmp = maps / f".{name}.tmp.npz"
-            np.savez_compressed(tmp, artifact_mask=mask.numpy(), nan_mask=nan.numpy(),
-                                explosion=tr.explosion_map[:, :h * scale, :w * scale].float().numpy(),
-                                attribution=tr.attribution[:, :h * scale, :w * scale].to(torch.int16).numpy(),
-                                events_lr=events.numpy().astype(np.int16), samples=np.array(cfg.samples))
-            tmp.replace(maps / f"{name}.npz")
+            arrays = dict(artifact_mask=mask.numpy(), nan_mask=nan.numpy(),
+                          explosion=tr.explosion_map[:, :h * scale, :w * scale].float().numpy(),
+                          attribution=tr.attribution[:, :h * scale, :w * scale].to(torch.int16).numpy(),
+                          events_lr=events.numpy().astype(np.int16), samples=np.array(cfg.samples))
+            atomic_write(maps / f"{name}.npz", lambda tmp: _savez(tmp, arrays))
             if cfg.overlay_writer is not None:
                 base = decoded.image if inp.from_hr else torch.nn.functional.interpolate(
                     lr.float(), scale_factor=scale, mode="bicubic", align_corners=False)[0].clamp(0, 1)
@@ -182,7 +190,8 @@ def sample(cfg: SampleConfig) -> SampleResult:
             for s in range(cfg.samples):
                 img = torch.nan_to_num(tr.image[s, :, :h * scale, :w * scale], nan=1.0).clamp(0, 1)
                 arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                Image.fromarray(arr).save(sdir / f"{name}.s{s:02d}.png")
+                atomic_write(sdir / f"{name}.s{s:02d}.png",
+                             lambda tmp, a=arr: Image.fromarray(a).save(tmp, format="PNG"))
         timing["write_seconds"] += time.perf_counter() - t
         slopes = [r["max_log_inverse_slope"] for r in rows if r["max_log_inverse_slope"] == r["max_log_inverse_slope"]]
         first = [r["first_exploding_layer_name"] for r in rows if r["first_exploding_layer"] >= 0]
@@ -193,9 +202,6 @@ def sample(cfg: SampleConfig) -> SampleResult:
                 "max_inverse_slope": float(np.exp(max(slopes))) if slopes else float("nan"),
                 "first_exploding_layer": first[0] if first else "",
                 "explosion_map_max": max(r["explosion_map_max"] for r in rows)}
-
-    def decode(p):
-        return read_image(p, max_pixels=inp.max_pixels, exif_orientation=inp.exif_orientation)
 
     def extra():
         return {"checkpoint": {"path": str(cfg.checkpoint), "weights_digest": digest, "scale": scale,
@@ -208,13 +214,19 @@ def sample(cfg: SampleConfig) -> SampleResult:
         res = run_folder(items, work, columns,
                          FolderRunConfig(out_dir=str(out_dir), csv_name="samples.csv", resume=cfg.resume,
                                          retry_failed=cfg.retry_failed, overwrite=cfg.overwrite,
-                                         progress=cfg.progress, command="sample", config=_config_record(cfg),
-                                         decode=decode),
+                                         progress=cfg.progress, command="sample", config=config_record(cfg),
+                                         decode=decoder(inp)),
                          extra_info=extra)
     except FolderRunError as e:
         return SampleResult(exit_code=EXIT_USAGE, error=str(e))
     return SampleResult(exit_code=res.exit_code, run=res, out_dir=out_dir)
 
 
-def run(config: SampleConfig) -> SampleResult:
-    return sample(config)
+def _savez(path: Path, arrays: dict) -> None:
+    """``np.savez_compressed`` to exactly ``path`` (given a name, NumPy would append ``.npz`` to a temporary name)."""
+    import numpy as np
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+__all__ = ["SampleConfig", "SampleResult", "DETAIL_COLUMNS", "image_seed", "run"]

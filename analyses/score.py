@@ -1,96 +1,28 @@
-r"""Fit and score pipelines over image folders: ``run(FitConfig) -> FitResult``, ``run(ScoreConfig) -> ScoreResult``.
+r"""The score pipeline over image folders: ``run(ScoreConfig) -> ScoreResult``.
 
-* **fit**: streams the conditioner features of every in-distribution image into float64 accumulators (one Gaussian
-  per level over all positions), applies the chosen shrinkage, factors once and writes a ``.safetensors`` statistics
-  file whose metadata records the checkpoint digest, levels, channels, pixel count, shrinkage and input mode.
-* **score**: per image, per-position Mahalanobis distance maps at the feature grid, image aggregates (mean, p95, p99,
-  max, fraction above the threshold) as one CSV row appended as produced (:mod:`.folder_run`), and optionally the
-  maps as ``.npy`` plus colour-mapped overlays at HR size; ``run.json`` records config, versions and timing.
+Per image: per-position Mahalanobis distance maps at the feature grid (distance, not squared), image aggregates
+(mean, p95, p99, max, fraction above the threshold) as one CSV row of ``scores.csv`` appended as produced
+(:mod:`.folder_run`), and optionally the maps as ``maps/<name>.<level>.npy`` (float32 ``[h, w]`` at the feature grid)
+plus colour-mapped overlays at HR size; ``run.json`` records config, versions and timing.
 
-Inputs are LR images as they are, or HR images downscaled by the flow's scale (``from_hr``; bicubic with
-anti-aliasing, :func:`robustness_diag.data.photos.downscale`). Setup problems (missing checkpoint, unreadable
-statistics, statistics of another checkpoint, missing inputs, an existing table without ``resume``) give
-``exit_code`` 2 and ``error``; failed files give 1; otherwise 0. Nothing here imports plotting code: overlays are
-written by the ``overlay_writer`` the caller passes (the CLI passes :func:`robustness_diag.reports.overlays.save_overlay`).
+Inputs are LR images as they are, or HR images downscaled by the flow's scale (``from_hr``; None: as the statistics
+were fitted; :func:`.inputs.to_lr`). Setup problems (missing checkpoint, unreadable statistics, statistics of another
+checkpoint, missing inputs, an existing table without ``resume``) give ``exit_code`` 2 and ``error``; failed files
+give 1; otherwise 0. Nothing here imports plotting code: overlays are written by the ``overlay_writer`` the caller
+passes (the CLI passes :func:`robustness_diag.reports.overlays.save_overlay`). Fitting is :mod:`.fit`.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
-from .folder_run import EXIT_FAILED, EXIT_OK, EXIT_USAGE, FolderRunConfig, FolderRunError, FolderRunResult, run_folder
+from robustness_diag.devices import DEFAULT_DEVICE
+from robustness_diag.exit_codes import EXIT_OK, EXIT_USAGE
 
-DEFAULT_MIN_SIZE = 8
-
-
-@dataclass
-class InputOptions:
-    """Which files, and how they become LR images.
-
-    Attributes:
-        images: folders, image files or file lists (see :func:`robustness_diag.data.images.list_images`).
-        include, exclude: glob filters on the file keys/names. recursive: search sub-folders.
-        from_hr: inputs are HR images, downscaled by the flow's scale (None in scoring: as the statistics were fitted).
-        max_pixels: refuse files with more pixels. min_size: refuse LR images smaller than this on a side.
-        exif_orientation: apply EXIF rotation.
-    """
-
-    images: Sequence[str] = ()
-    include: Sequence[str] = ()
-    exclude: Sequence[str] = ()
-    recursive: bool = True
-    from_hr: Optional[bool] = False
-    max_pixels: Optional[int] = 50_000_000
-    min_size: int = DEFAULT_MIN_SIZE
-    exif_orientation: bool = False
-
-
-@dataclass
-class FitConfig:
-    """``robustness-diag fit``: see the module docstring. ``levels``/``channels``/``tile``/``margin``/``batch`` as
-    :class:`robustness_diag.ood.FeatureOptions`; ``shrinkage`` one of oas, ledoit_wolf, ridge, none; ``ridge`` is
-    relative to ``tr(S)/D``."""
-
-    checkpoint: str
-    out: str
-    inputs: InputOptions = field(default_factory=InputOptions)
-    levels: Optional[Sequence[str]] = None
-    channels: Optional[str] = None
-    shrinkage: str = "oas"
-    ridge: float = 1e-3
-    max_condition: float = 1e10
-    tile: int = 256
-    margin: Optional[int] = None
-    batch: int = 2
-    device: str = "auto"
-    progress: bool = True
-
-
-@dataclass
-class FitResult:
-    exit_code: int = EXIT_OK
-    error: Optional[str] = None            # setup error (exit code 2) or "nothing could be fitted"
-    stats_path: Optional[Path] = None
-    scorer: object = None
-    run: Optional[FolderRunResult] = None
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        if self.error and self.run is None:
-            return f"error: {self.error}"
-        lines = [self.run.summary("used for the fit")] if self.run else []
-        if self.error:
-            lines.append(f"error: {self.error}")
-        if self.scorer is not None:
-            for lv, r in self.scorer.fit_report.items():
-                lines.append(f"{lv}: {r['pixel_count']:,} positions x {r['dim']} channels; {r['shrinkage']} "
-                             f"shrinkage {r['shrinkage_coefficient']:.3g}; condition number {r['condition_number']:.3g}"
-                             + ("; " + "; ".join(r["notes"]) if r["notes"] else ""))
-            lines.append(f"statistics: {self.stats_path}")
-        return "\n".join(lines)
+from .folder_run import FolderRunConfig, FolderRunError, FolderRunResult, run_folder
+from .inputs import InputOptions, config_record, decoder, flat_name, list_inputs, setup_errors, to_lr
 
 
 @dataclass
@@ -123,7 +55,7 @@ class ScoreConfig:
     tile: int = 256
     margin: Optional[int] = None
     batch: int = 2
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     resume: bool = False
     retry_failed: bool = False
     overwrite: bool = False
@@ -133,6 +65,9 @@ class ScoreConfig:
 
 @dataclass
 class ScoreResult:
+    """What the scoring did: ``exit_code`` (0 all scored, 1 some files failed, 2 setup error with ``error``), the
+    per-image loop's :class:`.folder_run.FolderRunResult` (its ``csv_path`` is ``scores.csv``) and the output folder."""
+
     exit_code: int = EXIT_OK
     error: Optional[str] = None
     run: Optional[FolderRunResult] = None
@@ -144,136 +79,24 @@ class ScoreResult:
         return self.run.summary("scored")
 
 
-def _setup_errors() -> tuple:
-    from robustness_diag.data.images import ImageListError
-    from robustness_diag.flows.errors import CheckpointError
-    from robustness_diag.ood.errors import OODError
-    return (CheckpointError, OODError, ImageListError, FolderRunError, ValueError, FileNotFoundError)
-
-
-def _device(name: str):
-    import torch
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return dev
-
-
-def _config_record(cfg) -> dict:
-    d = asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else dict(cfg)
-    d.pop("overlay_writer", None)
-    return d
-
-
-def _to_lr(decoded, from_hr: bool, scale: int, min_size: int):
-    """``(lr [1, 3, h, w], hr_size (H, W) for overlays)`` of a decoded image; raises ValueError if too small."""
-    from robustness_diag.data.photos import downscale
-    img = decoded.image
-    H, W = int(img.shape[1]), int(img.shape[2])
-    if from_hr:
-        if H // scale < min_size or W // scale < min_size:
-            raise ValueError(f"image too small: {W}x{H} HR pixels give {W // scale}x{H // scale} LR pixels at "
-                             f"{scale}X; need at least {min_size} on each side (--min-size)")
-        lr = downscale(img[None], scale)
-        return lr, (H, W)
-    if H < min_size or W < min_size:
-        raise ValueError(f"image too small: {W}x{H} pixels; need at least {min_size} LR pixels on each side "
-                         f"(--min-size)")
-    return img[None], (H * scale, W * scale)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# fit
-# ---------------------------------------------------------------------------------------------------------------------
-
-def fit(cfg: FitConfig) -> FitResult:
-    """Fits and saves the statistics (see the module docstring); never raises for setup errors or bad files."""
-    import torch
-    import robustness_diag as rd
-    from robustness_diag.data.images import list_images, read_image
-    from robustness_diag.ood import FeatureExtractor, FeatureOptions, MahalanobisScorer
-    from robustness_diag.ood.features import accumulate, make_accumulators
-
-    t_start = time.time()
-    res = FitResult()
-    try:
-        device = _device(cfg.device)
-        flow = rd.load_flow(cfg.checkpoint, device=device).eval()
-        ex = FeatureExtractor(flow, FeatureOptions(levels=cfg.levels, channels=cfg.channels, tile=cfg.tile,
-                                                   margin=cfg.margin, batch=cfg.batch))
-        from robustness_diag.ood.gaussian import normalise_method
-        method = normalise_method(cfg.shrinkage)
-        inp = cfg.inputs
-        items = list_images(inp.images, include=inp.include, exclude=inp.exclude, recursive=inp.recursive)
-        if not items:
-            raise ValueError(f"no image files found in {', '.join(map(str, inp.images))}")
-    except _setup_errors() as e:
-        return FitResult(exit_code=EXIT_USAGE, error=str(e))
-
-    accs = make_accumulators(ex)
-    scale = int(flow.config.scale)
-
-    def work(item, decoded):
-        lr, _ = _to_lr(decoded, bool(inp.from_hr), scale, inp.min_size)
-        with torch.no_grad():
-            n = accumulate(ex, accs, lr)
-        return {"lr_width": int(lr.shape[-1]), "lr_height": int(lr.shape[-2]), "positions": n}
-
-    def decode(p):
-        return read_image(p, max_pixels=inp.max_pixels, exif_orientation=inp.exif_orientation)
-
-    run = run_folder(items, work, ["lr_width", "lr_height", "positions"],
-                     FolderRunConfig(out_dir=None, progress=cfg.progress, command="fit", decode=decode))
-    res.run = run
-    first = ex.levels[0]
-    if accs[first].n < 2:
-        res.exit_code = EXIT_FAILED
-        res.error = "no image could be used; no statistics written"
-        res.seconds = time.time() - t_start
-        return res
-    meta = {"checkpoint": str(cfg.checkpoint), "checkpoint_digest": rd.weights_digest(flow),
-            "flow_scale": scale, "flow_family": flow.family, "flow_coupling": flow.config.coupling,
-            "input": "hr" if inp.from_hr else "lr", "n_images": run.n_ok, "n_failed": run.n_failed,
-            "failed": run.failed[:100], "images": [str(p) for p in inp.images], "features": ex.describe(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
-            "fit_seconds": round(time.time() - t_start, 3)}
-    scorer = MahalanobisScorer.from_accumulators(
-        accs, shrinkage=method, ridge=cfg.ridge, max_condition=cfg.max_condition, channels=ex.channels,
-        n_channels_total={lv: ex.n_channels for lv in ex.levels}, meta=meta)
-    res.stats_path = scorer.save(cfg.out)
-    res.scorer = scorer
-    res.exit_code = run.exit_code
-    res.seconds = time.time() - t_start
-    return res
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# score
-# ---------------------------------------------------------------------------------------------------------------------
-
-def _flat_name(key: str) -> str:
-    stem = key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
-    return stem.replace("\\", "/").strip("/").replace("/", "__").replace(":", "_") or "image"
-
-
-def score(cfg: ScoreConfig) -> ScoreResult:
+def run(config: ScoreConfig) -> ScoreResult:
     """Scores every image (see the module docstring); never raises for setup errors or bad files."""
     import numpy as np
     import torch
     import torch.nn.functional as F
     import robustness_diag as rd
-    from robustness_diag.data.images import list_images, read_image
+    from robustness_diag.devices import resolve_device
+    from robustness_diag.io import atomic_write
     from robustness_diag.ood import AGGREGATES, FeatureOptions, MahalanobisScorer, aggregate, chi_quantile, \
         extractor_for, upsample_map
 
+    cfg = config
     timing = {"load_seconds": 0.0, "score_seconds": 0.0, "maps_seconds": 0.0}
     t0 = time.time()
     try:
         if not Path(cfg.stats).is_file():
             raise FileNotFoundError(f"{cfg.stats}: no such statistics file")
-        device = _device(cfg.device)
+        device = resolve_device(cfg.device)
         scorer = MahalanobisScorer.load(cfg.stats)
         flow = rd.load_flow(cfg.checkpoint, device=device).eval()
         digest = rd.weights_digest(flow)
@@ -297,11 +120,9 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         inp = cfg.inputs
         fitted_hr = scorer.meta.get("input") == "hr"
         from_hr = fitted_hr if inp.from_hr is None else bool(inp.from_hr)
-        items = list_images(inp.images, include=inp.include, exclude=inp.exclude, recursive=inp.recursive)
-        if not items:
-            raise ValueError(f"no image files found in {', '.join(map(str, inp.images))}")
+        items = list_inputs(inp)
         out_dir = Path(cfg.out_dir)
-    except _setup_errors() as e:
+    except setup_errors() as e:
         return ScoreResult(exit_code=EXIT_USAGE, error=str(e))
     timing["load_seconds"] = round(time.time() - t0, 3)
 
@@ -321,7 +142,7 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                          f"as {'HR' if from_hr else 'LR'}")
 
     def work(item, decoded):
-        lr, hr_size = _to_lr(decoded, from_hr, scale, inp.min_size)
+        lr, hr_size = to_lr(decoded, from_hr, scale, inp.min_size)
         t = time.perf_counter()
         maps = ex.distance_maps(lr, scorer)
         maps = {k: v.cpu() for k, v in maps.items()}        # one transfer per image
@@ -336,13 +157,11 @@ def score(cfg: ScoreConfig) -> ScoreResult:
         row["nonfinite"] = nonfinite
         if cfg.save_maps:
             t = time.perf_counter()
-            name = _flat_name(item.key)
+            name = flat_name(item.key)
             maps_dir.mkdir(parents=True, exist_ok=True)
             for lv in levels:
-                tmp = maps_dir / f".{name}.{lv}.npy.tmp"
-                with open(tmp, "wb") as fh:
-                    np.save(fh, maps[lv].numpy().astype(np.float32))
-                tmp.replace(maps_dir / f"{name}.{lv}.npy")
+                arr = maps[lv].numpy().astype(np.float32)
+                atomic_write(maps_dir / f"{name}.{lv}.npy", lambda tmp, a=arr: _save_npy(tmp, a))
             if cfg.overlay_writer is not None:
                 if from_hr:
                     base = decoded.image
@@ -354,9 +173,6 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                                    max_side=cfg.overlay_max_side)
             timing["maps_seconds"] += time.perf_counter() - t
         return row
-
-    def decode(p):
-        return read_image(p, max_pixels=inp.max_pixels, exif_orientation=inp.exif_orientation)
 
     def extra():
         return {"checkpoint": {"path": str(cfg.checkpoint), "weights_digest": digest, "scale": scale,
@@ -371,21 +187,22 @@ def score(cfg: ScoreConfig) -> ScoreResult:
                 "phase_timing": {k: round(v, 3) for k, v in timing.items()}}
 
     try:
-        run = run_folder(items, work, columns,
-                         FolderRunConfig(out_dir=str(out_dir), csv_name="scores.csv", resume=cfg.resume,
-                                         retry_failed=cfg.retry_failed, overwrite=cfg.overwrite,
-                                         progress=cfg.progress, command="score", config=_config_record(cfg),
-                                         decode=decode),
-                         extra_info=extra)
+        loop = run_folder(items, work, columns,
+                          FolderRunConfig(out_dir=str(out_dir), csv_name="scores.csv", resume=cfg.resume,
+                                          retry_failed=cfg.retry_failed, overwrite=cfg.overwrite,
+                                          progress=cfg.progress, command="score", config=config_record(cfg),
+                                          decode=decoder(inp)),
+                          extra_info=extra)
     except FolderRunError as e:
         return ScoreResult(exit_code=EXIT_USAGE, error=str(e))
-    return ScoreResult(exit_code=run.exit_code, run=run, out_dir=out_dir)
+    return ScoreResult(exit_code=loop.exit_code, run=loop, out_dir=out_dir)
 
 
-def run(config: Union[FitConfig, ScoreConfig]):
-    """Dispatches to :func:`fit` or :func:`score` by the config's type."""
-    if isinstance(config, FitConfig):
-        return fit(config)
-    if isinstance(config, ScoreConfig):
-        return score(config)
-    raise TypeError(f"expected FitConfig or ScoreConfig, got {type(config).__name__}")
+def _save_npy(path: Path, array) -> None:
+    """``np.save`` to exactly ``path`` (given a name, ``np.save`` would append ``.npy`` to a temporary name)."""
+    import numpy as np
+    with open(path, "wb") as fh:
+        np.save(fh, array)
+
+
+__all__ = ["ScoreConfig", "ScoreResult", "run"]

@@ -9,7 +9,7 @@ Data model (all 1-D arrays of one length ``N``, one entry per position - an LR-g
 
 Each position contributes ``events`` positive and ``trials - events`` negative observations at its score, so the
 metrics are those of the pooled (position, sample) pairs with artifact as the positive class. Scores are ranked, never
-squashed (see ood-anchors: a sigmoid on raw distances saturates and ties everything). Confidence intervals come from
+squashed (a sigmoid on raw distances saturates and ties everything). Confidence intervals come from
 a bootstrap over images (neighbouring positions are correlated, so resampling positions would understate them).
 
 A metric that is not defined on the data (AUROC with no artifact at all, a correlation with a constant variable) is
@@ -335,7 +335,8 @@ def per_image_table(obs: Observations) -> list[dict]:
         m = obs.image == img
         s = obs.score[m]
         rows.append({"image": int(img), "score_mean": float(s.mean()), "score_p99": float(np.quantile(s, 0.99)),
-                     "score_max": float(s.max()), "artifact_fraction": float(obs.events[m].sum() / obs.trials[m].sum())})
+                     "score_max": float(s.max()),
+                     "artifact_fraction": float(obs.events[m].sum() / obs.trials[m].sum())})
     return rows
 
 

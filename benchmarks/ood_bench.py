@@ -8,7 +8,7 @@ r"""OOD-scoring benchmark: ratios measured in one run on this machine, written t
     (cond 1e8) covariance. Targets: >= 15x scikit-learn and scipy; never slower than the einsum; at least as accurate
     as the einsum on the ill-conditioned case.
 (b) Kernel time / one plain ``torch.mm`` of the same shape (``N x 320 @ 320 x 320``), the kernel's floor. Target <= 1.3.
-(c) End-to-end ``score`` time (the per-image loop of :func:`robustness_diag.analyses.score.score`: decode PNG,
+(c) End-to-end ``score`` time (the per-image loop of :func:`robustness_diag.analyses.score.run`: decode PNG,
     features, distances, aggregates, CSV row; no maps) / the conditioner forward alone (``RRDB.conditioning`` of the
     same level) on the same LR images. Target <= 1.15. Setup (loading, digest) is reported separately.
 (d) Peak RSS of ``fit`` on N and 10 N images, each in a fresh process. Target: flat (ratio ~ 1).
@@ -133,14 +133,17 @@ def _write_images(folder: Path, n: int, size: int, seed: int) -> None:
 
 def bench_pipeline(n_images: int, size: int, repeats: int, work: Path) -> dict:
     import robustness_diag as rd
-    from robustness_diag.analyses.score import FitConfig, InputOptions, ScoreConfig, run
+    from robustness_diag.analyses import fit, score
+    from robustness_diag.analyses.fit import FitConfig
+    from robustness_diag.analyses.inputs import InputOptions
+    from robustness_diag.analyses.score import ScoreConfig
     from robustness_diag.data.images import list_images, read_image
     ck = "bundled:sr4x_affine"
     imgs = work / "pipeline_imgs"
     _write_images(imgs, n_images, size, seed=3)
     stats = work / "pipe_stats.safetensors"
-    run(FitConfig(checkpoint=ck, out=str(stats), inputs=InputOptions(images=[str(imgs)]), device="cpu",
-                  progress=False))
+    fit.run(FitConfig(checkpoint=ck, out=str(stats), inputs=InputOptions(images=[str(imgs)]), device="cpu",
+                      progress=False))
     flow = rd.load_flow(ck).eval()
     lrs = [read_image(it.path).image[None] for it in list_images([imgs])]
 
@@ -156,8 +159,8 @@ def bench_pipeline(n_images: int, size: int, repeats: int, work: Path) -> dict:
         forward_alone()
         fwd.append(time.perf_counter() - t)
         t = time.perf_counter()
-        res = run(ScoreConfig(checkpoint=ck, stats=str(stats), out_dir=str(work / f"score_{r}"), device="cpu",
-                              inputs=InputOptions(images=[str(imgs)], from_hr=None), progress=False))
+        res = score.run(ScoreConfig(checkpoint=ck, stats=str(stats), out_dir=str(work / f"score_{r}"), device="cpu",
+                                    inputs=InputOptions(images=[str(imgs)], from_hr=None), progress=False))
         total.append(time.perf_counter() - t)
         loop.append(res.run.seconds)
         assert res.exit_code == 0, res.summary()
@@ -177,7 +180,8 @@ def bench_pipeline(n_images: int, size: int, repeats: int, work: Path) -> dict:
 _FIT_CHILD = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(1)
-from robustness_diag.analyses.score import FitConfig, InputOptions, run
+from robustness_diag.analyses.fit import FitConfig, run
+from robustness_diag.analyses.inputs import InputOptions
 t = time.time()
 r = run(FitConfig(checkpoint="bundled:sr4x_affine", out=sys.argv[2], inputs=InputOptions(images=[sys.argv[1]]),
                   device="cpu", progress=False))

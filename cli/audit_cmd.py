@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from robustness_diag.devices import DEFAULT_DEVICE, DEVICE_HELP
+from robustness_diag.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def add_parser(sub) -> None:
@@ -41,44 +42,42 @@ def add_parser(sub) -> None:
     p.add_argument("--false-alarm", type=float, default=0.05,
                    help="false-alarm rate for the recommended OOD-score gate (default 0.05)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    p.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     p.add_argument("--restart", action="store_true", help="ignore finished work in --out and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    import torch
-
     from robustness_diag.analyses.audit import AuditConfig, run
+    from robustness_diag.devices import resolve_device
+    from robustness_diag.reports.correlate_report import render
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if not 0 < args.false_alarm < 1:
         print("error: --false-alarm must be in (0, 1)", file=sys.stderr)
         return EXIT_USAGE
     cfg = AuditConfig(checkpoints=args.checkpoints, config=args.config, images=args.images, from_hr=args.from_hr,
                       budget=args.budget, out=args.out, heat=args.heat, false_alarm=args.false_alarm, seed=args.seed,
-                      device=device, resume=not args.restart, progress=not args.no_progress)
-    from robustness_diag.reports.correlate_report import rerender
-
-    res = run(cfg, render=rerender)
-    for m in res["models"]:
+                      device=str(device), resume=not args.restart, progress=not args.no_progress)
+    res = run(cfg, render=render)
+    for m in res.summaries:
         print(f"{m['name']} ({m['coupling']}): {m['verdict'].upper()}")
         for r in m["reasons"][:6]:
             print(f"  - {r}")
         thr = m.get("recommended_threshold", {})
         if thr.get("value") is not None:
-            print(f"  gate: OOD score >= {thr['value']:.3g} ({thr['false_alarm']:.1%} false alarms on the stress suite)")
-    for f in res["failures"]:
+            print(f"  gate: OOD score >= {thr['value']:.3g} "
+                  f"({thr['false_alarm']:.1%} false alarms on the stress suite)")
+    for f in res.failures:
         print(f"{f['checkpoint']}: NOT AUDITED: {f['error']}", file=sys.stderr)
-    if res["report"]:
-        print(f"wrote {res['report']}")
-    if res["failures"] and not res["models"]:
+    if res.report:
+        print(f"wrote {res.report}")
+    if res.failures and not res.summaries:
         return EXIT_USAGE                      # nothing could be audited: unreadable or unknown checkpoints
-    failing = any(m["verdict"] == "failing" for m in res["models"])
-    return EXIT_FAILED if (res["failures"] or failing) else EXIT_OK
+    failing = any(m["verdict"] == "failing" for m in res.summaries)
+    return EXIT_FAILED if (res.failures or failing) else EXIT_OK

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from robustness_diag.exit_codes import EXIT_OK, EXIT_USAGE
 
 
 def add_parser(sub) -> None:
@@ -49,25 +49,27 @@ def main_correlate(args) -> int:
         return EXIT_USAGE
     common = dict(out=args.out, n_bins=args.bins, n_resamples=args.bootstrap, false_alarm=args.false_alarm,
                   seed=args.seed)
-    try:
-        if args.toy:
-            cfg = C.ToyCorrelateConfig(title="2-D toy: OOD score of the condition vs exploding inverse", **common)
-            results = C.toy_results(cfg)
-        else:
-            cfg = C.CorrelateConfig(**common)
-            results = C.results_from_run_dirs(args.run_dirs, grid=args.grid)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    if args.toy:
+        cfg = C.ToyCorrelateConfig(title="2-D toy: OOD score of the condition vs exploding inverse", **common)
+    else:
+        cfg = C.CorrelateConfig(run_dirs=list(args.run_dirs), grid=args.grid, **common)
     from robustness_diag.reports.correlate_report import rerender
     from robustness_diag.reports.html import metric_text
 
-    res = C.run(results, cfg, render=rerender)
-    for name, m in res["metrics"].items():
+    res = C.run(cfg, render=rerender)
+    if res.error:
+        print(f"error: {res.error}", file=sys.stderr)
+        return res.exit_code
+    for name, m in res.metrics.items():
         print(f"{name}: AUROC {metric_text(m['auroc'])}; AP {metric_text(m['average_precision'])} "
               f"(prevalence {m['prevalence']['value']:.4f})")
-    print(f"wrote {res['report']}")
-    return EXIT_OK
+    for name, counts in res.joins.items():
+        left = {k: v for k, v in counts.items() if k != "joined" and v}
+        if left:
+            print(f"{name}: {counts['joined']} images in both runs; left out: "
+                  + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in left.items()))
+    print(f"wrote {res.report}")
+    return res.exit_code
 
 
 def main_report(args) -> int:

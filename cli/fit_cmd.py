@@ -1,6 +1,6 @@
 """``robustness-diag fit``: Gaussian statistics of a flow's conditioner features over in-distribution images.
 
-Parses and validates the arguments into :class:`robustness_diag.analyses.score.FitConfig`, calls ``run`` and sets the
+Parses and validates the arguments into :class:`robustness_diag.analyses.fit.FitConfig`, calls ``run`` and sets the
 exit code: 0 every image used, 1 some images failed (statistics still written from the others; none written when no
 image could be used), 2 usage or setup error (missing checkpoint or folder, bad option).
 """
@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from robustness_diag.devices import DEFAULT_DEVICE, DEVICE_HELP
+from robustness_diag.exit_codes import EXIT_USAGE
 
 
 def add_image_arguments(p: argparse.ArgumentParser, *, score: bool) -> None:
@@ -47,7 +48,7 @@ def add_image_arguments(p: argparse.ArgumentParser, *, score: bool) -> None:
     f.add_argument("--margin", type=int, default=None, metavar="PX",
                    help="tile overlap in LR pixels (default: the receptive field, at most 96)")
     f.add_argument("--batch", type=int, default=2, metavar="N", help="tiles per forward pass (default 2)")
-    f.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    f.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -68,7 +69,7 @@ def check_common(args, prog: str) -> str | None:
 
 
 def input_options(args):
-    from robustness_diag.analyses.score import InputOptions
+    from robustness_diag.analyses.inputs import InputOptions
     return InputOptions(images=list(args.images), include=list(args.include), exclude=list(args.exclude),
                         recursive=not args.no_recursive, from_hr=args.from_hr, max_pixels=args.max_pixels,
                         min_size=args.min_size, exif_orientation=args.exif_orientation)
@@ -108,7 +109,7 @@ def main(args) -> int:
     if args.ridge < 0 or args.max_condition <= 1:
         print("robustness-diag fit: --ridge must be >= 0 and --max-condition > 1", file=sys.stderr)
         return EXIT_USAGE
-    from robustness_diag.analyses.score import FitConfig, run
+    from robustness_diag.analyses.fit import FitConfig, run
     cfg = FitConfig(checkpoint=args.checkpoint, out=args.out, inputs=input_options(args), levels=args.levels,
                     channels=args.channels, shrinkage=args.shrinkage, ridge=args.ridge,
                     max_condition=args.max_condition, tile=args.tile, margin=args.margin, batch=args.batch,

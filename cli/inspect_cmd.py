@@ -5,19 +5,24 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from robustness_diag.devices import DEFAULT_DEVICE, DEVICE_HELP
+from robustness_diag.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 @dataclass
 class InspectConfig:
+    """``checkpoints``: files or ``bundled:<name>``; ``config``: an upstream YAML overriding inferred settings;
+    ``demo_dir``: also write and inspect the demo checkpoints there; ``device``: where the weights are loaded and
+    examined (:func:`robustness_diag.devices.resolve_device`)."""
+
     checkpoints: list
     config: Optional[str] = None
     demo_dir: Optional[str] = None
+    device: str = DEFAULT_DEVICE
 
 
 @dataclass
@@ -42,31 +47,33 @@ def write_demo_checkpoints(out_dir) -> list[Path]:
     from robustness_diag.flows.config import FlowConfig
     from robustness_diag.flows.network import build_flow
     from robustness_diag.flows.synthetic import randomize_flow
+    from robustness_diag.io import atomic_write
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, (fields, _) in DEMO_FLOWS.items():
         flow = randomize_flow(build_flow(FlowConfig(**fields)), seed=0)
         path = out / name
-        tmp = path.with_suffix(".tmp")
-        torch.save(flow.state_dict(), tmp)
-        tmp.replace(path)
+        state = flow.state_dict()
+        atomic_write(path, lambda tmp, sd=state: torch.save(sd, tmp))
         paths.append(path)
     return paths
 
 
 def run(cfg: InspectConfig) -> InspectResult:
     """Loads and inspects every checkpoint; a file that fails is reported with its reason and the others go on."""
+    from robustness_diag.devices import resolve_device
     from robustness_diag.flows.errors import CheckpointError
     from robustness_diag.flows.inspect import inspect_flow
     from robustness_diag.flows.loading import load_flow
+    device = resolve_device(cfg.device)
     paths = list(cfg.checkpoints)
     if cfg.demo_dir:
         paths += [str(p) for p in write_demo_checkpoints(cfg.demo_dir)]
     result = InspectResult()
     for p in paths:
         try:
-            flow = load_flow(p, config=cfg.config)
+            flow = load_flow(p, config=cfg.config, device=device)
             report = inspect_flow(flow)
         except CheckpointError as e:
             result.reports.append({"path": str(p), "status": "error", "error_type": type(e).__name__,
@@ -112,13 +119,15 @@ def format_report(r: dict) -> str:
         lines.append(f"  unused      {v['count']:4d} keys: {group}")
     cn = r["invconv_condition_number"]
     if cn:
-        lines.append(f"  1x1 convs   condition number {cn['min']:.4g} .. {cn['max']:.4g} (worst at layer {cn['worst_layer']})"
+        lines.append(f"  1x1 convs   condition number {cn['min']:.4g} .. {cn['max']:.4g} "
+                     f"(worst at layer {cn['worst_layer']})"
                      + (f"; frozen orthogonality error {r['frozen_invconv_orthogonality_error']:.2g}"
                         if r["frozen_invconv_orthogonality_error"] is not None else ""))
     if r["actnorm_logs_range"]:
         a, z = r["actnorm_logs_range"], r["conv2dzeros_log_scale_range"]
         lines.append(f"  ActNorm     logs in [{a[0]:.3g}, {a[1]:.3g}]   Conv2dZeros 3*logs in [{z[0]:.3g}, {z[1]:.3g}]")
-    lines.append(f"  finite      {'yes' if not r['nonfinite_tensors'] else 'NO: ' + ', '.join(r['nonfinite_tensors'][:3])}")
+    bad = r["nonfinite_tensors"]
+    lines.append(f"  finite      {'yes' if not bad else 'NO: ' + ', '.join(bad[:3])}")
     lines.append(f"  bound       {r['coupling_inverse_bound'].get('note', '')}")
     lines.append(f"  VERDICT     {r['verdict']}")
     return "\n".join(lines) + "\n"
@@ -143,6 +152,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the full reports as JSON instead of text")
     p.add_argument("--demo", metavar="DIR", help="also write two reduced demo checkpoints (affine and RQ-spline "
                                                  "layouts, seeded random weights) into DIR and inspect them")
+    p.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     p.set_defaults(func=main)
 
 
@@ -157,9 +167,16 @@ def main(args) -> int:
     if args.config and not Path(args.config).is_file():
         print(f"robustness-diag inspect: config file not found: {args.config}")
         return EXIT_USAGE
-    result = run(InspectConfig(args.checkpoints, args.config, args.demo))
+    from robustness_diag.devices import resolve_device
+    from robustness_diag.io import json_text
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        print(f"robustness-diag inspect: {e}")
+        return EXIT_USAGE
+    result = run(InspectConfig(args.checkpoints, args.config, args.demo, device=args.device))
     if args.json:
-        print(json.dumps(result.reports if len(result.reports) != 1 else result.reports[0], indent=2))
+        print(json_text(result.reports if len(result.reports) != 1 else result.reports[0]), end="")
     else:
         print("\n".join(format_report(r) for r in result.reports), end="")
         bad = [r["path"] for r in result.reports if r.get("status") in ("error", "fail")]

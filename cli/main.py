@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from robustness_diag.exit_codes import EXIT_USAGE
+
 from . import audit_cmd, correlate_cmd, inspect_cmd
 from . import fit_cmd, sample_cmd, score_cmd, toy_cmd
-
-EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
+from robustness_diag.devices import DEFAULT_DEVICE, DEVICE_HELP
+from robustness_diag.exit_codes import EXIT_USAGE
 
 
 def add_parser(sub) -> None:
@@ -45,7 +46,7 @@ def add_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="base seed; each image's seed also depends on its file key")
     s.add_argument("--upper", type=float, default=1.5, help="artifact threshold above (default 1.5)")
     s.add_argument("--lower", type=float, default=-0.5, help="artifact threshold below (default -0.5)")
-    s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    s.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     o = p.add_argument_group("outputs")
     o.add_argument("--save-maps", action="store_true", help="write maps/ (.npz masks and maps, PNG overlays)")
     o.add_argument("--save-samples", action="store_true", help="write samples/ (PNG, clamped to [0, 1])")
@@ -73,7 +74,7 @@ def main(args) -> int:
         print(err, file=sys.stderr)
         return EXIT_USAGE
     from robustness_diag.analyses.sample import SampleConfig, run
-    from robustness_diag.analyses.score import InputOptions
+    from robustness_diag.analyses.inputs import InputOptions
     from robustness_diag.reports.overlays import save_overlay
 
     inputs = InputOptions(images=list(args.images), include=list(args.include), exclude=list(args.exclude),

@@ -11,7 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .fit_cmd import EXIT_USAGE, add_image_arguments, check_common, input_options
+from robustness_diag.exit_codes import EXIT_USAGE
+
+from .fit_cmd import add_image_arguments, check_common, input_options
 
 
 def add_parser(sub) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-EXIT_OK = 0
+from robustness_diag.exit_codes import EXIT_OK
 
 
 def add_parser(sub) -> None:
@@ -27,9 +27,9 @@ def main(args) -> int:
     from robustness_diag.reports.toy_figures import plot_layer_variance
 
     res = run(ToyMechanismConfig(out=args.out, seed=args.seed, steps=args.steps), plot=plot_layer_variance)
-    for c, r in res["couplings"].items():
+    for c, r in res.couplings.items():
         for y, row in r["conditions"].items():
             print(f"{c:9s} y={float(y):7.1f}  max inverse slope {row['max_inverse_slope']:10.3g}  "
                   f"max variance {row['max_variance']:10.3g}")
-    print(f"wrote {args.out}/toy_mechanism.json and {args.out}/toy_layer_variance.png")
+    print(f"wrote {res.paths['json']} and {res.paths['figure']}")
     return EXIT_OK

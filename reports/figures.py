@@ -2,16 +2,20 @@
 
 Every function takes ``runs``: an ordered mapping ``model name -> result`` where ``result`` is the output of
 :func:`robustness_diag.analyses.stats.correlate` (plus, where noted, per-image rows or per-layer traces). Several
-models are overlaid in one figure (the affine vs RQ-spline side-by-side). Matplotlib runs headless (Agg).
+models are overlaid in one figure (the affine vs RQ-spline side-by-side). Matplotlib runs headless (Agg); seaborn
+draws the per-image scatter (one colour per model). The histograms stay matplotlib: their input is pre-binned.
 """
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
+
+from robustness_diag.io import atomic_write, atomic_write_text
 
 PALETTE = ["#c0392b", "#2471a3", "#229954", "#7d3c98", "#b9770e", "#566573"]
 
@@ -37,7 +41,7 @@ def _plt():
 def _save(fig, out_dir: Path, name: str) -> Path:
     path = Path(out_dir) / f"{name}.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     _plt().close(fig)
     return path
 
@@ -48,13 +52,11 @@ def write_csv(path: Path, rows: Iterable[Mapping]) -> Path:
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
-    tmp = Path(path).with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-    return Path(path)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
 
 
 def _ci_text(m: dict) -> str:
@@ -154,17 +156,20 @@ def score_histograms(hists: Mapping[str, dict], out_dir: Path) -> Figure:
 def per_image_scatter(tables: Mapping[str, list[dict]], out_dir: Path) -> Figure:
     """Per-image mean OOD score vs artifact fraction (``rows`` from ``stats.per_image_table`` plus a ``name``)."""
     plt = _plt()
+    import seaborn as sns
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    rows = []
-    for color, (model, table) in zip(PALETTE, tables.items()):
-        ax.scatter([t["score_mean"] for t in table], [t["artifact_fraction"] for t in table], s=18, color=color,
-                   alpha=0.7, label=model)
-        rows += [{"model": model, **t} for t in table]
+    palette = dict(zip(tables, PALETTE))       # one colour per model, in the given order (at most len(PALETTE))
+    rows = [{"model": model, **t} for model in palette for t in tables[model]]
+    data = {k: [r[k] for r in rows] for k in ("model", "score_mean", "artifact_fraction")}
+    ax.set_yscale("symlog", linthresh=1e-4)
+    if rows:
+        sns.scatterplot(data=data, x="score_mean", y="artifact_fraction", hue="model", hue_order=list(palette),
+                        palette=palette, s=18, alpha=0.7, edgecolor="face", linewidth=plt.rcParams["lines.linewidth"],
+                        ax=ax)
+        sns.move_legend(ax, "best", fontsize=8, title=None)
     ax.set(xlabel="mean OOD score of the image", ylabel="artifact fraction (pixels x samples)",
            title="Per image: OOD score vs artifacts")
-    ax.set_yscale("symlog", linthresh=1e-4)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     return Figure("per_image", "Per-image OOD score vs artifact fraction",
                   "One point per image (and model). Images to the right are further from the training data.",
                   _save(fig, out_dir, "per_image"), write_csv(Path(out_dir) / "per_image.csv", rows))

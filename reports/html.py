@@ -6,6 +6,8 @@ import datetime as _dt
 from pathlib import Path
 from typing import Optional, Sequence
 
+from robustness_diag.io import atomic_write_text
+
 from .figures import Figure
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -74,8 +76,4 @@ def render_report(path, title: str, headline: Sequence[dict], figures: Sequence[
         title=title, headline=list(headline), figures=[_inline(f) for f in figures], tables=list(tables),
         notes=list(notes), warnings=list(warnings), config=config or {}, verdicts=list(verdicts),
         version=__version__, generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    path = Path(path)
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, html)

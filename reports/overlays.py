@@ -7,11 +7,12 @@ colormap registry, no pyplot); PNG writing uses Pillow, atomically.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from robustness_diag.io import atomic_write
 
 
 def _as_hwc(image) -> np.ndarray:
@@ -70,13 +71,4 @@ def save_overlay(path, image, score_map, *, vmin: float, vmax: float, alpha: flo
     if max_side and max(im.size) > max_side:
         s = max_side / max(im.size)
         im = im.resize((max(1, round(im.size[0] * s)), max(1, round(im.size[1] * s))), Image.Resampling.BOX)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        im.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))

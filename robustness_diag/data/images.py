@@ -368,7 +368,8 @@ def read_image(path: PathLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     image, bits = _to_tensor(arr, path, notes)
     if image.shape[1] != h or image.shape[2] != w:  # EXIF rotation swaps sizes; anything else is a decoder bug
         if not exif_orientation:
-            raise ImageReadError(path, f"decoded size {image.shape[2]}x{image.shape[1]} differs from the header {w}x{h}")
+            raise ImageReadError(path, f"decoded size {image.shape[2]}x{image.shape[1]} differs from the header "
+                                       f"{w}x{h}")
     return DecodedImage(image, path, fmt, bits, mode, notes)
 
 

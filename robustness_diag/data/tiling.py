@@ -84,7 +84,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate") -> 
 
 
 def crop_to(y: torch.Tensor, size: tuple[int, int], ratio: float = 1.0) -> torch.Tensor:
-    """Crops an output grid ``[..., H', W']`` back to an input of ``size = (H, W)``: ``ceil(H*ratio) x ceil(W*ratio)``."""
+    """Crops an output grid ``[..., H', W']`` back to an input of ``size = (H, W)``:
+    ``ceil(H*ratio) x ceil(W*ratio)``."""
     h, w = math.ceil(size[0] * ratio - 1e-9), math.ceil(size[1] * ratio - 1e-9)
     return y[..., :h, :w]
 

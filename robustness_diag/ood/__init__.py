@@ -15,20 +15,20 @@ Typical use::
 from .errors import NotFittedError, OODError, StatsFileError, StatsMismatchError
 from .gaussian import (SHRINKAGE_METHODS, GaussianAccumulator, ledoit_wolf_shrinkage, oas_shrinkage,
                        shrunk_covariance, whitening_factor)
-from .scorer import (FORMAT, FORMAT_VERSION, LevelStats, MahalanobisScorer, chi_quantile, mahalanobis_distance, triangular_blocks,
-                     mahalanobis_distance_cf)
+from .scorer import (FORMAT, FORMAT_VERSION, LevelStats, MahalanobisScorer, chi_quantile, mahalanobis_distance,
+                     mahalanobis_distance_cf, triangular_blocks)
 from .features import (AGGREGATES, DEFAULT_LEVEL, FeatureExtractor, FeatureOptions, accumulate, aggregate,
-                       available_levels, conditioner_features, default_level, extractor_for, feature_channels, feature_levels,
-                       fit_flow, level_ratio,
-                       lr_alignment, make_accumulators, parse_channels, receptive_field, resolve_levels, score_maps,
-                       upsample_map)
+                       available_levels, conditioner_features, default_level, extractor_for, feature_channels,
+                       feature_levels, fit_flow, fit_statistics, level_ratio, lr_alignment, make_accumulators,
+                       parse_channels, receptive_field, resolve_levels, score_maps, upsample_map)
 
 __all__ = [
     "OODError", "NotFittedError", "StatsFileError", "StatsMismatchError",
     "SHRINKAGE_METHODS", "GaussianAccumulator", "oas_shrinkage", "ledoit_wolf_shrinkage", "shrunk_covariance",
     "whitening_factor", "FORMAT", "FORMAT_VERSION", "LevelStats", "MahalanobisScorer", "chi_quantile",
-    "mahalanobis_distance", "mahalanobis_distance_cf", "triangular_blocks", "AGGREGATES", "DEFAULT_LEVEL", "FeatureExtractor",
-    "FeatureOptions", "accumulate", "aggregate", "available_levels", "conditioner_features", "default_level",
-    "extractor_for", "feature_channels", "feature_levels", "fit_flow", "level_ratio", "lr_alignment", "make_accumulators", "parse_channels",
-    "receptive_field", "resolve_levels", "score_maps", "upsample_map",
+    "mahalanobis_distance", "mahalanobis_distance_cf", "triangular_blocks", "AGGREGATES", "DEFAULT_LEVEL",
+    "FeatureExtractor", "FeatureOptions", "accumulate", "aggregate", "available_levels", "conditioner_features",
+    "default_level", "extractor_for", "feature_channels", "feature_levels", "fit_flow", "fit_statistics",
+    "level_ratio", "lr_alignment", "make_accumulators", "parse_channels", "receptive_field", "resolve_levels",
+    "score_maps", "upsample_map",
 ]

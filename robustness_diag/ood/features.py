@@ -302,25 +302,51 @@ def fit_flow(flow, images: Iterable[torch.Tensor], options: Optional[FeatureOpti
         images: LR images, each ``[3, h, w]`` or ``[1, 3, h, w]`` in [0, 1] (any sizes; iterated once).
         options: levels, channels, tiling.
         shrinkage, ridge, max_condition: see :meth:`MahalanobisScorer.from_accumulators`.
+        meta: provenance merged over the standard metadata of :func:`fit_statistics`.
 
     Returns:
-        A :class:`MahalanobisScorer` whose metadata records the checkpoint digest, levels, channels, pixel counts,
-        shrinkage and feature settings.
+        A :class:`MahalanobisScorer` with the metadata of :func:`fit_statistics` (``robustness-diag fit`` writes the
+        same statistics and metadata keys for the same images).
     """
-    from ..flows.digest import weights_digest
+    import time
+    started = time.time()
     ex = FeatureExtractor(flow, options)
     accs = make_accumulators(ex)
     n_images = 0
     for img in images:
         accumulate(ex, accs, img)
         n_images += 1
-    m = {"checkpoint_digest": weights_digest(flow), "flow_scale": flow.scale,
-         "flow_family": flow.family, "flow_coupling": flow.config.coupling, "n_images": n_images,
-         "features": ex.describe()}
+    return fit_statistics(ex, accs, n_images=n_images, shrinkage=shrinkage, ridge=ridge,
+                          max_condition=max_condition, started=started, meta=meta)
+
+
+def fit_statistics(extractor: FeatureExtractor, accs: Mapping[str, GaussianAccumulator], *, n_images: int,
+                   shrinkage: str = "oas", ridge: float = 1e-3, max_condition: float = 1e10,
+                   started: Optional[float] = None, meta: Optional[dict] = None) -> MahalanobisScorer:
+    """The statistics of accumulators filled by :func:`accumulate`, with the standard fit metadata.
+
+    The one fit step behind :func:`fit_flow` and ``robustness-diag fit``. Metadata (besides what
+    :meth:`MahalanobisScorer.from_accumulators` records): ``checkpoint`` (the flow's file), ``checkpoint_digest``,
+    ``flow_scale``/``flow_family``/``flow_coupling``, ``input`` (``"lr"``: the images were the LR inputs),
+    ``n_images``, ``n_failed``/``failed`` (images that could not be used), ``images`` (the input paths, if known),
+    ``features`` (:meth:`FeatureExtractor.describe`), ``device``, ``created`` (UTC, ISO 8601) and ``fit_seconds``
+    (since ``started``, a ``time.time()`` value; 0.0 without it); ``meta`` overrides any of them.
+    """
+    import time
+    from datetime import datetime, timezone
+
+    from ..flows.digest import weights_digest
+    flow = extractor.flow
+    m = {"checkpoint": str(getattr(flow, "info", {}).get("path", "")), "checkpoint_digest": weights_digest(flow),
+         "flow_scale": flow.scale, "flow_family": flow.family, "flow_coupling": flow.config.coupling,
+         "input": "lr", "n_images": int(n_images), "n_failed": 0, "failed": [], "images": [],
+         "features": extractor.describe(), "device": str(extractor.device),
+         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+         "fit_seconds": round(time.time() - started, 3) if started is not None else 0.0}
     m.update(meta or {})
     return MahalanobisScorer.from_accumulators(
-        accs, shrinkage=shrinkage, ridge=ridge, max_condition=max_condition, channels=ex.channels,
-        n_channels_total={lv: ex.n_channels for lv in ex.levels}, meta=m)
+        accs, shrinkage=shrinkage, ridge=ridge, max_condition=max_condition, channels=extractor.channels,
+        n_channels_total={lv: extractor.n_channels for lv in extractor.levels}, meta=m)
 
 
 def extractor_for(flow, scorer: MahalanobisScorer, options: Optional[FeatureOptions] = None) -> FeatureExtractor:

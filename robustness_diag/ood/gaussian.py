@@ -50,7 +50,7 @@ class GaussianAccumulator:
     Example:
         >>> acc = GaussianAccumulator(3)
         >>> for part in torch.randn(1000, 3, dtype=torch.float64).split(64):
-        ...     acc.update(part)
+        ...     _ = acc.update(part)
         >>> acc.n, acc.covariance().shape
         (1000, torch.Size([3, 3]))
     """

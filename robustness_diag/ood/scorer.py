@@ -5,20 +5,21 @@ conditioner feature vector at that position from the in-distribution Gaussian; h
 
 Kernel: ``d(x) = |W (x - mu)|_2`` with the precomputed whitening matrix ``W = L^{-1}`` (``L`` the float64 Cholesky
 factor of the shrunk covariance; lower triangular); rows are processed in cache-sized chunks as one subtraction and a
-few matrix products over the non-zero row blocks of ``W`` (10/16 of the dense multiply-adds) with squared-row-sums. ``W`` and ``mu`` are kept in float64 and cast once per (device, dtype) to the compute dtype
-(float32 by default; float64 for reference-exact scores).
+few matrix products over the non-zero row blocks of ``W`` (10/16 of the dense multiply-adds) with squared-row-sums.
+``W`` and ``mu`` are kept in float64 and cast once per (device, dtype) to the compute dtype (float32 by default;
+float64 for reference-exact scores).
 
 File format (``.safetensors``): per level ``<level>.mean`` ``[D]``, ``.cov``/``.chol``/``.whiten`` ``[D, D]``,
 ``.channels`` ``[D]`` (indices into the level's feature channels), and the raw moments ``.n``, ``.m2``, ``.t3``,
 ``.q4`` (so shards can be merged and refitted with another shrinkage later); metadata: ``format``,
 ``format_version``, ``package_version``, ``checkpoint_digest``, ``levels``, ``channels``, ``pixel_count``,
-``shrinkage`` and the full JSON ``meta``.
+``shrinkage`` and the full JSON ``meta``. The format lives with the scorer (a little over the project's usual 400
+lines) because the file is exactly the scorer's buffers: one place decides both.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -194,6 +195,10 @@ class MahalanobisScorer(nn.Module):
     def __init__(self, levels: Mapping[str, LevelStats], meta: Optional[dict] = None,
                  compute_dtype: torch.dtype = torch.float32):
         super().__init__()
+        clash = [k for k in levels if hasattr(nn.Module, k) or not str(k).isidentifier()]
+        if clash:
+            raise ValueError(f"feature level name(s) {clash} cannot key the scorer's statistics: a level name must be "
+                             "an identifier that is not an nn.Module attribute (e.g. 'fea_up1', not 'half')")
         self.levels = nn.ModuleDict(dict(levels))
         self.meta: dict = dict(meta or {})
         self.compute_dtype = compute_dtype
@@ -315,6 +320,8 @@ class MahalanobisScorer(nn.Module):
     def save(self, path) -> Path:
         """Writes the statistics and metadata to ``path`` (``.safetensors``) atomically."""
         from safetensors.torch import save_file
+
+        from ..io import atomic_write, json_text
         path = Path(path)
         tensors = {}
         for name, st in self.levels.items():
@@ -324,18 +331,11 @@ class MahalanobisScorer(nn.Module):
         header = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                   "package_version": str(m.get("package_version", "")),
                   "checkpoint_digest": str(m.get("checkpoint_digest", "")),
-                  "levels": json.dumps(self.level_names), "channels": json.dumps(m.get("channels")),
-                  "pixel_count": json.dumps(m.get("pixel_count", {})), "shrinkage": str(m.get("shrinkage", "")),
-                  "meta": json.dumps(m, sort_keys=True, default=str)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=header)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+                  "levels": json_text(self.level_names, indent=None),
+                  "channels": json_text(m.get("channels"), indent=None),
+                  "pixel_count": json_text(m.get("pixel_count", {}), indent=None),
+                  "shrinkage": str(m.get("shrinkage", "")), "meta": json_text(m, indent=None)}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
     @classmethod
     def load(cls, path, map_location="cpu") -> "MahalanobisScorer":

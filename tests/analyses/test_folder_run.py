@@ -137,3 +137,14 @@ def test_no_output_folder_means_no_files_and_reserved_columns_are_refused(tmp_pa
     assert res.n_ok == 1 and res.n_failed == 1 and res.csv_path is None and list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="reserved"):
         run_folder([], lambda it, d: {}, ["status"], FolderRunConfig(progress=False))
+
+
+def test_read_frame_keeps_text_columns_and_parses_numbers(tmp_path):
+    from robustness_diag.analyses.folder_run import read_frame
+    p = tmp_path / "t.csv"
+    p.write_text("path,status,error,level,mean,notes,seconds\nNA,ok,,fea_up1,1.5,,0.1\n"
+                 "2.png,error,bad,,,,0.0\n007,ok,,fea_up1,inf,,0.2\ntorn,o")
+    df = read_frame(p)
+    assert df["path"].tolist() == ["NA", "2.png", "007"] and df["error"].tolist() == ["", "bad", ""]
+    assert df["level"].tolist()[0] == "fea_up1" and df["mean"].tolist()[0] == 1.5
+    assert df["mean"].tolist()[2] == float("inf") and df["mean"].isna().tolist()[1]

@@ -10,7 +10,10 @@ from PIL import Image
 
 import robustness_diag as rd
 from robustness_diag.analyses.folder_run import read_table
-from robustness_diag.analyses.score import FitConfig, InputOptions, ScoreConfig, run
+from robustness_diag.analyses import fit, score
+from robustness_diag.analyses.fit import FitConfig
+from robustness_diag.analyses.inputs import InputOptions
+from robustness_diag.analyses.score import ScoreConfig
 from robustness_diag.ood import MahalanobisScorer
 from tests.ood.helpers import one_thread, smooth_rgb, tiny_flow, write_png  # noqa: F401  (fixture)
 
@@ -90,7 +93,7 @@ def _overlay_writer(calls):
 def test_fit_then_score_with_bad_inputs(tmp_path, ckpt):
     train = _train_folder(tmp_path / "train")
     stats = tmp_path / "stats.safetensors"
-    fr = run(FitConfig(checkpoint=str(ckpt), out=str(stats), inputs=InputOptions(images=[str(train)]),
+    fr = fit.run(FitConfig(checkpoint=str(ckpt), out=str(stats), inputs=InputOptions(images=[str(train)]),
                        shrinkage="ledoit-wolf", device="cpu", progress=False))
     assert fr.exit_code == 0 and fr.error is None and stats.is_file()
     sc = MahalanobisScorer.load(stats)
@@ -101,7 +104,7 @@ def test_fit_then_score_with_bad_inputs(tmp_path, ckpt):
     bad = _bad_inputs(tmp_path / "inputs")
     out = tmp_path / "out"
     calls = []
-    res = run(ScoreConfig(checkpoint=str(ckpt), stats=str(stats), out_dir=str(out),
+    res = score.run(ScoreConfig(checkpoint=str(ckpt), stats=str(stats), out_dir=str(out),
                           inputs=InputOptions(images=[str(bad)], max_pixels=1_000_000, from_hr=None),
                           save_maps=True, tile=64, batch=2, device="cpu", progress=False,
                           overlay_writer=_overlay_writer(calls)))
@@ -134,7 +137,7 @@ def test_fit_then_score_with_bad_inputs(tmp_path, ckpt):
                                      if v[0] == "ok"}
 
     # resume: nothing left to do, same table
-    res2 = run(ScoreConfig(checkpoint=str(ckpt), stats=str(stats), out_dir=str(out),
+    res2 = score.run(ScoreConfig(checkpoint=str(ckpt), stats=str(stats), out_dir=str(out),
                            inputs=InputOptions(images=[str(bad)], max_pixels=1_000_000, from_hr=None),
                            resume=True, device="cpu", progress=False))
     assert res2.run.n_processed == 0 and res2.run.n_skipped == len(EXPECTED) and res2.exit_code == 1
@@ -144,12 +147,12 @@ def test_fit_then_score_with_bad_inputs(tmp_path, ckpt):
 def test_scores_match_the_library_and_from_hr(tmp_path, ckpt):
     train = _train_folder(tmp_path / "train")
     stats = tmp_path / "s.safetensors"
-    assert run(FitConfig(checkpoint=str(ckpt), out=str(stats), device="cpu", progress=False,
+    assert fit.run(FitConfig(checkpoint=str(ckpt), out=str(stats), device="cpu", progress=False,
                          inputs=InputOptions(images=[str(train)], from_hr=True, min_size=2))).exit_code == 0
     sc = MahalanobisScorer.load(stats)
     assert sc.meta["input"] == "hr"
     out = tmp_path / "o"
-    res = run(ScoreConfig(checkpoint=str(ckpt), stats=str(stats), out_dir=str(out), device="cpu", progress=False,
+    res = score.run(ScoreConfig(checkpoint=str(ckpt), stats=str(stats), out_dir=str(out), device="cpu", progress=False,
                           inputs=InputOptions(images=[str(train / "t0.png")], from_hr=None, min_size=2)))
     assert res.exit_code == 0
     row = read_table(out / "scores.csv")[1][0]
@@ -166,26 +169,26 @@ def test_setup_errors_exit_2(tmp_path, ckpt):
     train = _train_folder(tmp_path / "train", n=2)
     stats = tmp_path / "s.safetensors"
     inputs = InputOptions(images=[str(train)])
-    r = run(FitConfig(checkpoint=str(tmp_path / "missing.pth"), out=str(stats), inputs=inputs, progress=False))
+    r = fit.run(FitConfig(checkpoint=str(tmp_path / "missing.pth"), out=str(stats), inputs=inputs, progress=False))
     assert r.exit_code == 2 and "missing.pth" in r.error
-    r = run(FitConfig(checkpoint=str(ckpt), out=str(stats), inputs=inputs, levels=["fea_up8"], progress=False))
+    r = fit.run(FitConfig(checkpoint=str(ckpt), out=str(stats), inputs=inputs, levels=["fea_up8"], progress=False))
     assert r.exit_code == 2 and "fea_up8" in r.error
-    r = run(FitConfig(checkpoint=str(ckpt), out=str(stats), inputs=InputOptions(images=[str(tmp_path / "none")]),
+    r = fit.run(FitConfig(checkpoint=str(ckpt), out=str(stats), inputs=InputOptions(images=[str(tmp_path / "none")]),
                       progress=False))
     assert r.exit_code == 2 and "no such file or folder" in r.error
-    assert run(FitConfig(checkpoint=str(ckpt), out=str(stats), inputs=inputs, device="cpu",
+    assert fit.run(FitConfig(checkpoint=str(ckpt), out=str(stats), inputs=inputs, device="cpu",
                          progress=False)).exit_code == 0
     other = rd.save_flow(tiny_flow(seed=1), tmp_path / "other.safetensors")
-    r = run(ScoreConfig(checkpoint=str(other), stats=str(stats), out_dir=str(tmp_path / "o"), inputs=inputs,
+    r = score.run(ScoreConfig(checkpoint=str(other), stats=str(stats), out_dir=str(tmp_path / "o"), inputs=inputs,
                         progress=False))
     assert r.exit_code == 2 and "fitted on checkpoint" in r.error and not (tmp_path / "o" / "scores.csv").exists()
-    r = run(ScoreConfig(checkpoint=str(ckpt), stats=str(tmp_path / "nope.safetensors"), out_dir=str(tmp_path / "o"),
-                        inputs=inputs, progress=False))
+    r = score.run(ScoreConfig(checkpoint=str(ckpt), stats=str(tmp_path / "nope.safetensors"),
+                              out_dir=str(tmp_path / "o"), inputs=inputs, progress=False))
     assert r.exit_code == 2 and "nope.safetensors" in r.error
     ok = ScoreConfig(checkpoint=str(ckpt), stats=str(stats), out_dir=str(tmp_path / "o2"), inputs=inputs,
                      progress=False, device="cpu")
-    assert run(ok).exit_code == 0
-    r = run(ok)                                                   # the table exists, no --resume
+    assert score.run(ok).exit_code == 0
+    r = score.run(ok)                                                   # the table exists, no --resume
     assert r.exit_code == 2 and "--resume" in r.error
 
 
@@ -194,7 +197,7 @@ def test_fit_with_no_usable_image_writes_nothing(tmp_path, ckpt):
     d.mkdir()
     (d / "a.png").write_bytes(b"")
     stats = tmp_path / "s.safetensors"
-    r = run(FitConfig(checkpoint=str(ckpt), out=str(stats), inputs=InputOptions(images=[str(d)]), progress=False))
+    r = fit.run(FitConfig(checkpoint=str(ckpt), out=str(stats), inputs=InputOptions(images=[str(d)]), progress=False))
     assert r.exit_code == 1 and "no statistics written" in r.error and not stats.exists()
     assert r.run.failed == [{"path": "a.png", "error": "empty file (0 bytes)"}]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import robustness_diag as rd
 from robustness_diag.cli.main import main
@@ -63,3 +64,40 @@ def test_usage_errors_exit_2(setup, tmp_path, capsys, monkeypatch, args, message
 
 def test_argparse_usage_error_is_2(capsys):
     assert main(["fit", "--shrinkage", "bogus"]) == 2
+
+
+def test_api_and_command_write_the_same_statistics(setup, tmp_path):
+    """``rd.ood.fit_flow`` and ``robustness-diag fit`` are one fit path: same tensors, same metadata keys, same
+    values apart from paths and times."""
+    import json
+
+    from safetensors import safe_open
+
+    from robustness_diag.data.images import list_images, read_image
+
+    ck, imgs = setup
+    cli_out, api_out = tmp_path / "cli.safetensors", tmp_path / "api.safetensors"
+    assert main(["fit", str(ck), "--images", str(imgs), "--out", str(cli_out), "--level", "fea_up1", "--level",
+                 "fea_up0", "--channels", "0:12", "--shrinkage", "ledoit-wolf", "--device", "cpu",
+                 "--no-progress"]) == 0
+    flow = rd.load_flow(str(ck), device="cpu").eval()
+    images = (read_image(it.path).image for it in list_images([str(imgs)]))
+    opts = rd.ood.FeatureOptions(levels=["fea_up1", "fea_up0"], channels="0:12")
+    rd.ood.fit_flow(flow, images, opts, shrinkage="ledoit-wolf").save(api_out)
+
+    def read(path):
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+
+    (h_cli, t_cli), (h_api, t_api) = read(cli_out), read(api_out)
+    assert t_cli.keys() == t_api.keys()
+    for k in t_cli:
+        assert torch.equal(t_cli[k], t_api[k]), k
+    assert h_cli.keys() == h_api.keys()
+    assert {k: v for k, v in h_cli.items() if k != "meta"} == {k: v for k, v in h_api.items() if k != "meta"}
+    m_cli, m_api = json.loads(h_cli["meta"]), json.loads(h_api["meta"])
+    assert m_cli.keys() == m_api.keys()
+    volatile = {"checkpoint", "images", "created", "fit_seconds"}          # paths and times
+    assert {k: v for k, v in m_cli.items() if k not in volatile} == {k: v for k, v in m_api.items()
+                                                                       if k not in volatile}
+    assert m_cli["n_images"] == 3 and m_cli["input"] == "lr" and m_cli["n_failed"] == 0

@@ -65,7 +65,8 @@ def test_one_bad_file_does_not_stop_the_others(ckpt, capsys):
 
 def test_4x_weights_with_8x_yaml(ckpt, tmp_path, capsys):
     yml = tmp_path / "8X.yml"
-    write_yaml_config(yml, scale=8, network_G={"nb": 5, "flow": {"K": 2, "L": 4, "stackRRDB": {"blocks": [0, 1, 3, 4]}}})
+    write_yaml_config(yml, scale=8,
+                      network_G={"nb": 5, "flow": {"K": 2, "L": 4, "stackRRDB": {"blocks": [0, 1, 3, 4]}}})
     code = main(["inspect", str(ckpt()), "--config", str(yml)])
     out = capsys.readouterr().out
     assert code == 1 and "missing keys" in out and "RRDB.upconv3.weight" in out

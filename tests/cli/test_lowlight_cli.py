@@ -67,8 +67,8 @@ def test_lowlight_audit_uses_darkened_inputs_and_the_flows_heat(setup, tmp_path)
     tiny = dict(images=2, lr_size=16, samples=2, levels=(3,), fit_images=3, attack_images=1, attack_steps=2,
                 bootstrap=10)
     res = A.run(A.AuditConfig(checkpoints=[str(ckpt)], out=str(tmp_path / "audit"), progress=False, overrides=tiny))
-    assert not res["failures"]
-    m = res["models"][0]
+    assert not res.failures
+    m = res.summaries[0]
     assert m["family"] == "llflow" and m["heat"] == 0.0                 # LLFlow's reference output is heat 0
     assert {c["condition"] for c in m["conditions"]} >= {"clean", "noise3", "blur3", "jpeg3", "exposure3"}
     z = np.load(tmp_path / "audit" / "work" / "llflow.pth" / "cond_clean.npz")

@@ -1,4 +1,5 @@
-"""Feature levels, tiling and the OOD fit for LLFlow (scale 1, global preprocessing) and HCFlow (`level{l}_condFlow`)."""
+"""Feature levels, tiling and the OOD fit for LLFlow (scale 1, global preprocessing) and HCFlow
+(`level{l}_condFlow`)."""
 from __future__ import annotations
 
 import math

@@ -161,3 +161,11 @@ def test_blocked_triangular_kernels_equal_the_dense_product(n_blocks):
     assert torch.allclose(got, dense, rtol=1e-12)
     cf = mahalanobis_distance_cf(x.reshape(2, 2500, d).transpose(1, 2), mu, w, chunk=300, blocks=blocks)
     assert torch.allclose(cf.reshape(-1), dense, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["half", "cuda", "train", "fea up1"])
+def test_level_names_that_cannot_key_the_statistics_are_refused(name):
+    acc = GaussianAccumulator(3)
+    acc.update(torch.randn(50, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="cannot key"):
+        MahalanobisScorer.from_accumulators({name: acc})

@@ -42,9 +42,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
     score = rng.gamma(3.0, size=400)
     obs = S.Observations(score, rng.binomial(4, np.clip(score / 12, 0, 1)), 4, np.arange(400) // 40)
     evil = '<script>document.title="pwned"</script>'
-    C.run([C.ModelResult(f"affine {evil}", obs, image_names=[f"{evil}.png"] * 10,
-                         examples=[{"title": evil, "lr": np.full((4, 4, 3), 0.5), "mask": np.eye(16)}])],
-          C.CorrelateConfig(out=str(tmp_path), n_resamples=50), render=rerender)
+    model = C.ModelResult(f"affine {evil}", obs, image_names=[f"{evil}.png"] * 10,
+                          examples=[{"title": evil, "lr": np.full((4, 4, 3), 0.5), "mask": np.eye(16)}])
+    C.run(C.CorrelateConfig(out=str(tmp_path), n_resamples=50, results=[model]), render=rerender)
     html = (tmp_path / "report.html").read_text()
     probe = tmp_path / "probe.html"
     probe.write_text(html.replace("</body>", CHECKER + "</body>"))

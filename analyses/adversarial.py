@@ -63,7 +63,7 @@ def _pass(flow, lr: Tensor, latents: list, objective: str, temperature: float) -
     if objective == "slope":
         obj = torch.logsumexp(slopes / temperature, dim=1) * temperature
     elif objective == "artifact":
-        if flow.config.residual:
+        if flow.residual:
             x = x + flow.upsample(lr)
         x = torch.nan_to_num(x, nan=10.0, posinf=10.0, neginf=-10.0)
         obj = torch.sigmoid(((x - 0.5).abs() - 1.0) / 0.05).flatten(1).mean(1)
@@ -72,13 +72,16 @@ def _pass(flow, lr: Tensor, latents: list, objective: str, temperature: float) -
     return obj, hard.detach()
 
 
-def attack(flow, lr: Tensor, cfg: AttackConfig = AttackConfig(), progress: bool = False) -> AttackResult:
+def attack(flow, lr: Tensor, cfg: Optional[AttackConfig] = None, progress: bool = False) -> AttackResult:
     """Searches ``{lr' : |lr' - lr|_inf <= epsilon, 0 <= lr' <= 1}`` for the largest objective, per image.
 
     Arguments:
         flow: an SRFlow-family flow (eval mode; its parameters are not changed).
         lr: ``[B, 3, h, w]`` in [0, 1]; every image is attacked independently (the objective is per image).
+        cfg: the search settings (default: ``AttackConfig()``).
+        progress: a progress bar over the steps.
     """
+    cfg = cfg or AttackConfig()
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     was_training = flow.training
     flow.eval()

@@ -9,9 +9,13 @@ import json
 from pathlib import Path
 
 from robustness_diag.flows.loading import load_flow
+from robustness_diag.io import atomic_write_text, from_json_number as num
 
 
 def card_text(flow, phenomenon: dict | None, flow_key: str | None = None) -> str:
+    """The card's markdown: identity, architecture, training recipe and validation from the provenance header, and,
+    given the ``phenomenon.json`` content of a run (rows of ``flow_key``, or all rows when None), its artifact
+    rates. Numbers in ``phenomenon`` may be the strings ``"nan"``/``"inf"`` (:func:`robustness_diag.io.to_jsonable`)."""
     prov = flow.info.get("provenance", {})
     rec = prov.get("recipe", {})
     cfg = flow.config
@@ -52,9 +56,9 @@ def card_text(flow, phenomenon: dict | None, flow_key: str | None = None) -> str
                   "| condition | samples with artifacts | artifact pixels | NaN pixels | max inverse slope |",
                   "|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['condition']} | {r['frac_samples_with_artifact']:.3f} | "
-                         f"{r['frac_artifact_pixels']:.2e} | {r['frac_nan_pixels']:.2e} | "
-                         f"{r['max_inverse_slope']:.3g} |")
+            lines.append(f"| {r['condition']} | {num(r['frac_samples_with_artifact']):.3f} | "
+                         f"{num(r['frac_artifact_pixels']):.2e} | {num(r['frac_nan_pixels']):.2e} | "
+                         f"{num(r['max_inverse_slope']):.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
     phen = json.loads(Path(a.phenomenon).read_text()) if a.phenomenon else None
     key = next((r["flow"] for r in phen["rows"] if Path(r["flow"]).name == Path(a.flow).name), None) if phen else None
     out = Path(a.out) if a.out else Path(a.flow).with_suffix(".md")
-    out.write_text(card_text(flow, phen, key))
+    atomic_write_text(out, card_text(flow, phen, key))
     print(f"wrote {out}")
     return 0
 

@@ -5,13 +5,17 @@ Per flow and condition: fraction of samples with any artifact pixel (reference c
 < -0.5, or non-finite, before clamping), fraction of artifact pixels, fraction of NaN pixels, and the largest
 inverse slope of any coupling sub-transform seen while sampling.
 
+:func:`run` measures every flow x condition in memory and then writes ``out/phenomenon.csv`` (one row per flow x
+condition) and ``out/phenomenon.json`` (config + rows), each once and atomically; it returns a
+:class:`PhenomenonResult`.
+
 ``python -m robustness_diag.analyses.phenomenon FLOW [FLOW ...] --out runs/phenomenon``
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import json
+import io
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +26,15 @@ from robustness_diag.data import degradations as deg
 from robustness_diag.data.photos import VALIDATION_PHOTOS, downscale, load_photo, random_crops
 from robustness_diag.detect import trace_sampling
 from robustness_diag.flows.loading import load_flow
+from robustness_diag.io import atomic_write_json, atomic_write_text
 
 
 @dataclass
 class PhenomenonConfig:
+    """``flows``: checkpoint specs; ``images`` held-out LR crops of ``lr_size`` px per condition; ``samples`` per
+    image at ``heat``; ``levels``: degradation severities; ``upper``/``lower``: the artifact criterion (pixel
+    values, reference range [0, 1])."""
+
     flows: list
     out: str = "runs/phenomenon"
     images: int = 8
@@ -76,32 +85,41 @@ def measure(flow, lr: torch.Tensor, cfg: PhenomenonConfig, seed: int) -> dict:
             "frac_nan_pixels": nan_px / n_px, "max_inverse_slope": float(torch.exp(max_log_slope))}
 
 
-def run(cfg: PhenomenonConfig) -> list[dict]:
-    """Writes ``out/phenomenon.csv`` (one row per flow x condition, flushed as produced) and ``out/phenomenon.json``."""
+@dataclass
+class PhenomenonResult:
+    """``rows``: one dict per flow x condition (``flow``, ``coupling``, ``condition`` and :func:`measure`'s
+    statistics), in order; ``paths``: ``{"csv", "json"}`` files written."""
+
+    config: PhenomenonConfig
+    rows: list = field(default_factory=list)
+    paths: dict = field(default_factory=dict)
+
+
+def _csv_text(rows: list) -> str:
+    buf = io.StringIO(newline="")
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def run(cfg: PhenomenonConfig) -> PhenomenonResult:
+    """Measures every flow on every condition, then writes ``out/phenomenon.csv`` and ``out/phenomenon.json``."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     photos = [load_photo(n) for n in VALIDATION_PHOTOS]
     rows = []
-    with open(out / "phenomenon.csv", "w", newline="") as fh:
-        writer = None
-        for spec in cfg.flows:
-            flow = load_flow(spec)
-            scale = flow.config.scale
-            hr = random_crops(photos, cfg.images, cfg.lr_size * scale, torch.Generator().manual_seed(cfg.seed),
-                              augment=False)
-            for name, lr in conditions(hr, scale, cfg).items():
-                row = {"flow": str(spec), "coupling": flow.config.coupling, "condition": name,
-                       **measure(flow, lr, cfg, cfg.seed)}
-                rows.append(row)
-                if writer is None:
-                    writer = csv.DictWriter(fh, fieldnames=list(row))
-                    writer.writeheader()
-                writer.writerow(row)
-                fh.flush()
-    tmp = out / "phenomenon.json.tmp"
-    tmp.write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
-    tmp.replace(out / "phenomenon.json")
-    return rows
+    for spec in cfg.flows:
+        flow = load_flow(spec)
+        hr = random_crops(photos, cfg.images, cfg.lr_size * flow.scale, torch.Generator().manual_seed(cfg.seed),
+                          augment=False)
+        for name, lr in conditions(hr, flow.scale, cfg).items():
+            rows.append({"flow": str(spec), "coupling": flow.config.coupling, "condition": name,
+                         **measure(flow, lr, cfg, cfg.seed)})
+    res = PhenomenonResult(cfg, rows)
+    res.paths["csv"] = atomic_write_text(out / "phenomenon.csv", _csv_text(rows))
+    res.paths["json"] = atomic_write_json(out / "phenomenon.json", {"config": asdict(cfg), "rows": rows})
+    return res
 
 
 def main(argv=None) -> int:
@@ -113,8 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    rows = run(PhenomenonConfig(a.flows, a.out, a.images, a.lr_size, a.samples, seed=a.seed))
-    for r in rows:
+    res = run(PhenomenonConfig(a.flows, a.out, a.images, a.lr_size, a.samples, seed=a.seed))
+    for r in res.rows:
         print(f"{r['coupling']:9s} {r['condition']:10s} samples with artifacts {r['frac_samples_with_artifact']:.3f}  "
               f"artifact px {r['frac_artifact_pixels']:.2e}  NaN px {r['frac_nan_pixels']:.2e}  "
               f"max inverse slope {r['max_inverse_slope']:.3g}")

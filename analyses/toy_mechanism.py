@@ -1,11 +1,13 @@
 """The toy mechanism study: train the 2-D toy with both couplings, sample in- and out-of-distribution conditions,
 and record the per-layer sample variance and inverse slopes (the paper's Fig. 3b), as JSON and a figure.
 
+:func:`run` trains and samples in memory, then writes ``out/toy_mechanism.json`` once (atomically) and hands the
+result to ``plot`` for ``out/toy_layer_variance.png``; it returns a :class:`ToyMechanismResult`.
+
 ``robustness-diag toy --out runs/toy`` (about 15 s on one CPU core).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,10 +16,14 @@ from typing import Callable, Optional
 import torch
 
 from robustness_diag.flows.toy import train_toy
+from robustness_diag.io import atomic_write_json
 
 
 @dataclass
 class ToyMechanismConfig:
+    """``steps``: training steps per coupling; ``samples``: samples per condition; ``conditions``: the scalar
+    conditions y (in distribution: |y| <= 1)."""
+
     out: str = "runs/toy"
     seed: int = 0
     steps: int = 1000
@@ -25,11 +31,26 @@ class ToyMechanismConfig:
     conditions: list = field(default_factory=lambda: [0.0, 0.9, 3.0, 10.0, 30.0, -30.0, 100.0])
 
 
-def run(cfg: ToyMechanismConfig, plot: Optional[Callable] = None) -> dict:
-    """Returns (and writes to ``out/toy_mechanism.json``) per coupling and condition: per-layer variances, the
-    largest inverse log-slope and deviation per coupling, and the final sample spread. ``plot(result, path)`` draws
+@dataclass
+class ToyMechanismResult:
+    """``couplings``: per coupling (``affine``, ``rqspline``) ``{"final_train_nll", "conditions": {str(y): row}}``,
+    each row with the layer names, per-layer variance ``[layers, 2]``, the largest inverse log-slope and slope
+    (dimensionless), the largest deviation from a translation and the largest variance; ``paths``: ``{"json",
+    "figure"}`` files written (no figure without ``plot``)."""
+
+    config: ToyMechanismConfig
+    couplings: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """What ``toy_mechanism.json`` holds: ``{"config", "couplings"}``."""
+        return {"config": asdict(self.config), "couplings": self.couplings}
+
+
+def run(cfg: ToyMechanismConfig, plot: Optional[Callable] = None) -> ToyMechanismResult:
+    """Trains, samples and writes ``out/toy_mechanism.json``; ``plot(result_dict, path)`` draws
     ``out/toy_layer_variance.png`` (the CLI passes :func:`robustness_diag.reports.toy_figures.plot_layer_variance`)."""
-    result = {"config": asdict(cfg), "couplings": {}}
+    res = ToyMechanismResult(cfg)
     for coupling in ("affine", "rqspline"):
         flow, history = train_toy(coupling, steps=cfg.steps, seed=cfg.seed)
         rows = {}
@@ -44,12 +65,9 @@ def run(cfg: ToyMechanismConfig, plot: Optional[Callable] = None) -> dict:
                 "max_deviation_from_translation": float(tr["coupling_max_deviation"].max()),
                 "max_variance": float(tr["variance"].max()),
             }
-        result["couplings"][coupling] = {"final_train_nll": history[-1], "conditions": rows}
+        res.couplings[coupling] = {"final_train_nll": history[-1], "conditions": rows}
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "toy_mechanism.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / "toy_mechanism.json")
+    res.paths["json"] = atomic_write_json(out / "toy_mechanism.json", res.to_dict())
     if plot is not None:
-        plot(result, out / "toy_layer_variance.png")
-    return result
+        res.paths["figure"] = plot(res.to_dict(), out / "toy_layer_variance.png")
+    return res

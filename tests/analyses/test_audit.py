@@ -1,27 +1,40 @@
-"""The audit on the bundled flows at a tiny budget: verdicts, reasons, adversarial vs random, report, resume."""
+"""The audit on the bundled flows at a tiny budget: verdicts, reasons, adversarial vs random, report, outputs
+written once, resume after an interruption; and the resume cache on its own."""
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 
 from robustness_diag.analyses import audit as A
-from robustness_diag.reports.correlate_report import rerender
+from robustness_diag.analyses.audit import measure as M
+from robustness_diag.analyses.audit.cache import ResumeCache
+from robustness_diag.io import json_text
+from robustness_diag.reports.correlate_report import render
 
 TINY = dict(images=2, lr_size=12, samples=2, levels=(3,), fit_images=4, attack_images=1, attack_steps=4,
             bootstrap=20)
+OUTPUTS = ("audit.json", "metrics.json", "report_data.json", "examples.npz", "report.html")
 
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
     out = tmp_path_factory.mktemp("audit")
-    return out, A.run(A.AuditConfig(out=str(out), progress=False, overrides=TINY), render=rerender)
+    return out, A.run(A.AuditConfig(out=str(out), progress=False, overrides=TINY), render=render)
+
+
+def _without_out(path) -> dict:
+    """A written JSON without the (folder-dependent) ``out`` settings."""
+    d = json.loads(path.read_text())
+    d["config"].pop("out")
+    return d
 
 
 def test_verdict_separates_affine_and_spline_for_stated_reasons(audited):
     _, res = audited
-    by = {m["coupling"]: m for m in res["models"]}
+    by = {m["coupling"]: m for m in res.summaries}
     aff, rq = by["affine"], by["rqspline"]
     assert aff["verdict"] == "at risk" and rq["verdict"] == "robust"
     assert any("NaN/Inf" in r or "1/eps" in r or "adversarial" in r for r in aff["reasons"])
@@ -34,26 +47,59 @@ def test_verdict_separates_affine_and_spline_for_stated_reasons(audited):
 
 def test_adversarial_search_beats_random_noise_of_the_same_budget_on_affine(audited):
     _, res = audited
-    adv = next(m for m in res["models"] if m["coupling"] == "affine")["adversarial"]
+    adv = next(m for m in res.summaries if m["coupling"] == "affine")["adversarial"]
     assert adv["budget_8_255"]["found_max_log_slope"] > adv["random_8_255"]["sampled_max_log_slope"] + 1.0
     assert adv["budget_8_255"]["found_max_log_slope"] >= A.NEAR_BOUND * math.log(1e4)
 
 
-def test_report_and_resume(audited):
+def test_outputs_are_what_the_run_returned(audited):
     out, res = audited
     html = (out / "report.html").read_text()
     assert "at risk" in html and "robust" in html and html.count("data:image/png;base64,") >= 5
+    assert res.report == out / "report.html"
+    assert {k: p.name for k, p in res.paths.items()} == dict(zip(("audit", "metrics", "report_data", "examples",
+                                                                  "report"), OUTPUTS))
     summary = json.loads((out / "audit.json").read_text())
-    assert {m["verdict"] for m in summary["models"]} == {"at risk", "robust"}
-    # simulate an interrupted audit: one condition and the report are gone; the rest is reused as saved
+    assert summary["models"] == json.loads(json_text(res.summaries))
+    assert summary["config"]["device"] == "cpu"                       # the resolved device, not "auto"
+    assert json.loads((out / "report_data.json").read_text()) == json.loads(json_text(res.report_data))
+    assert json.loads((out / "metrics.json").read_text())["models"] == json.loads(json_text(res.metrics))
+    assert [v["model"] for v in res.report_data["verdicts"]] == [m.name for m in res.models]
+    assert all("recommended_threshold" in m for m in res.summaries)
+    assert not list(out.glob(".*.tmp*")) and not list(out.glob("*.tmp*"))
+    # the resume cache holds every unit, the report folder nothing else
     work = out / "work" / "sr4x_affine"
+    assert {"key.json", "static.json", "ood_stats.safetensors", "adversarial.json", "adversarial.npz",
+            "cond_clean.json", "cond_clean.npz", "cond_noise3.json", "cond_noise3.npz"} <= {p.name for p in
+                                                                                            work.iterdir()}
+
+
+def test_interrupted_audit_resumes_to_the_same_outputs(audited, tmp_path, monkeypatch):
+    ref, _ = audited
+    out = tmp_path / "again"
+    cfg = A.AuditConfig(out=str(out), progress=False, overrides=TINY)
+    real, calls = M.measure_condition, []
+
+    def dies_on_the_fourth(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(M, "measure_condition", dies_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        A.run(cfg, render=render)
+    monkeypatch.setattr(M, "measure_condition", real)
+    work = out / "work" / "sr4x_affine"
+    assert sorted(p.name for p in work.glob("cond_*.json")) == ["cond_blur3.json", "cond_clean.json",
+                                                                 "cond_noise3.json"]
+    assert not (out / "audit.json").exists()                            # written once, at the end
     kept = (work / "cond_clean.json").stat().st_mtime_ns
-    (work / "cond_noise3.json").unlink()
-    (out / "report.html").unlink()
-    again = A.run(A.AuditConfig(out=str(out), progress=False, overrides=TINY), render=rerender)
-    assert (work / "cond_noise3.json").is_file() and (out / "report.html").is_file()
-    assert (work / "cond_clean.json").stat().st_mtime_ns == kept
-    assert [m["verdict"] for m in again["models"]] == [m["verdict"] for m in res["models"]]
+    again = A.run(cfg, render=render)
+    assert (work / "cond_clean.json").stat().st_mtime_ns == kept          # reused as saved, not recomputed
+    assert (out / "report.html").is_file() and again.report == out / "report.html"
+    for name in ("audit.json", "metrics.json"):
+        assert _without_out(out / name) == _without_out(ref / name), name
 
 
 def test_unknown_or_corrupt_checkpoint_fails_cleanly(tmp_path):
@@ -61,5 +107,37 @@ def test_unknown_or_corrupt_checkpoint_fails_cleanly(tmp_path):
     bad.write_text("not a checkpoint")
     res = A.run(A.AuditConfig(checkpoints=[str(bad), str(tmp_path / "missing.pth")], out=str(tmp_path / "o"),
                               progress=False, overrides=TINY))
-    assert res["models"] == [] and res["report"] is None
-    assert "not a checkpoint" in res["failures"][0]["error"] and "no such file" in res["failures"][1]["error"]
+    assert res.summaries == [] and res.report is None and res.report_data is None
+    assert "not a checkpoint" in res.failures[0]["error"] and "no such file" in res.failures[1]["error"]
+    assert json.loads((tmp_path / "o" / "audit.json").read_text())["failures"] == res.failures
+
+
+def test_cache_reads_only_when_resuming_with_the_same_key(tmp_path):
+    computed = []
+
+    def unit(v):
+        def compute():
+            computed.append(v)
+            return {"x": v, "nan": float("nan")}, {"a": np.arange(3.0) * v}
+        return compute
+
+    first = ResumeCache(tmp_path, {"seed": 0}, resume=True)
+    s, arrays = first.arrays_unit("cond_clean", unit(1))
+    assert s["x"] == 1 and computed == [1]
+    s, arrays = ResumeCache(tmp_path, {"seed": 0}, resume=True).arrays_unit("cond_clean", unit(2))
+    assert s["x"] == 1 and math.isnan(s["nan"]) and arrays["a"].tolist() == [0.0, 1.0, 2.0] and computed == [1]
+    # an unfinished unit (no .json) is recomputed
+    (tmp_path / "cond_clean.json").unlink()
+    assert ResumeCache(tmp_path, {"seed": 0}, resume=True).arrays_unit("cond_clean", unit(3))[0]["x"] == 3
+    # another key or resume=False: the folder's units are removed and recomputed
+    assert ResumeCache(tmp_path, {"seed": 1}, resume=True).json_unit("static", lambda: {"y": 4}) == {"y": 4}
+    assert not (tmp_path / "cond_clean.npz").exists()
+    assert ResumeCache(tmp_path, {"seed": 1}, resume=False).json_unit("static", lambda: {"y": 5}) == {"y": 5}
+    assert ResumeCache(tmp_path, {"seed": 1}, resume=True).json_unit("static", lambda: {"y": 6}) == {"y": 5}
+
+
+def test_budget_and_device_are_checked():
+    with pytest.raises(ValueError, match="budget"):
+        A.run(A.AuditConfig(budget="huge", progress=False))
+    with pytest.raises(ValueError, match="--device"):
+        A.run(A.AuditConfig(device="tpu", progress=False))

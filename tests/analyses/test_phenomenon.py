@@ -45,12 +45,16 @@ def test_run_writes_one_row_per_flow_and_condition(tmp_path):
     paths = []
     for c in ("affine", "rqspline"):
         paths.append(rd.save_flow(_flow(c), tmp_path / f"{c}.safetensors"))
-    rows = run(PhenomenonConfig(flows=[str(p) for p in paths], out=str(tmp_path / "out"), images=2, lr_size=8,
-                                samples=1, levels=[3]))
+    res = run(PhenomenonConfig(flows=[str(p) for p in paths], out=str(tmp_path / "out"), images=2, lr_size=8,
+                               samples=1, levels=[3]))
+    rows = res.rows
     names = ["clean", "noise3", "blur3", "jpeg3", "exposure3", "graphics"]
     assert [r["condition"] for r in rows] == names * 2
     on_disk = list(csv.DictReader(open(tmp_path / "out" / "phenomenon.csv")))
     assert len(on_disk) == 12 and (tmp_path / "out" / "phenomenon.json").exists()
+    assert [r["condition"] for r in on_disk] == names * 2
+    assert res.paths == {"csv": tmp_path / "out" / "phenomenon.csv", "json": tmp_path / "out" / "phenomenon.json"}
+    assert not list((tmp_path / "out").glob(".*tmp*"))
 
 
 def test_model_card_lists_provenance_and_rates(tmp_path):

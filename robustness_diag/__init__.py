@@ -16,4 +16,5 @@ from .flows.network import SRFlowFamily, build_flow  # noqa: E402
 from .flows.digest import weights_digest  # noqa: E402
 from . import detect, ood  # noqa: E402
 
-__all__ = ["__version__", "load_flow", "save_flow", "build_flow", "FlowConfig", "Flow", "SamplingPlan", "SRFlowFamily", "CheckpointError", "weights_digest", "ood", "detect"]
+__all__ = ["__version__", "load_flow", "save_flow", "build_flow", "FlowConfig", "Flow", "SamplingPlan", "SRFlowFamily",
+           "CheckpointError", "weights_digest", "ood", "detect"]

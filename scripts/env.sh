@@ -8,6 +8,10 @@ venv="$root/.venv"
 stamp="$venv/.robustness-diag-installed"
 want="$(cat "$root/setup.cfg" "$root/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -x "$venv/bin/python" ]; then
+  if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    echo "[env] python3 is $(python3 -V 2>&1 | cut -d' ' -f2); robustness-diag needs Python >= 3.10" >&2
+    exit 2
+  fi
   echo "[env] creating $venv" >&2
   python3 -m venv "$venv"
 fi

@@ -50,15 +50,24 @@ class AuditResult:
 
 
 def _measure_all(cfg: AuditConfig, budget: dict, out: Path, device: torch.device) -> tuple[list, list]:
-    """``(measurements, failures)``: one bad checkpoint does not stop the others (its error goes to the report)."""
-    from robustness_diag.flows.errors import CheckpointError
+    """``(measurements, failures)``: one bad checkpoint does not stop the others (its error goes to the report).
+
+    A failure of one checkpoint is ``{"checkpoint", "error"}``: the checkpoint error (unreadable, malformed, unknown
+    layout), the OOD fit's refusal (non-finite features, e.g. from NaN weights) or, as a last resort, any other
+    exception as ``"<spec>: internal error: <type>: <message>"`` (no traceback); the others are audited."""
+    from robustness_diag.flows.errors import CheckpointError, internal_error
+    from robustness_diag.ood.errors import OODError
 
     measured, failures = [], []
     for spec in list(cfg.checkpoints) or list(BUNDLED):
         try:
             measured.append(measure_model(spec, cfg, budget, out / "work", device))
-        except (CheckpointError, AuditError, FileNotFoundError, ValueError) as e:
+        except (CheckpointError, AuditError, OODError, FileNotFoundError, ValueError) as e:
             failures.append({"checkpoint": str(spec), "error": str(e)})
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # last resort: an unforeseen failure of one checkpoint is its entry, the others go on
+            failures.append({"checkpoint": str(spec), "error": f"{spec}: {internal_error(e)}"})
     return measured, failures
 
 

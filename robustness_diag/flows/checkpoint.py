@@ -85,15 +85,26 @@ def _torch_load(path: Path, kind: str):
         except zipfile.BadZipFile as e:
             raise NotACheckpointError(f"truncated or corrupt PyTorch zip archive ({e})", path) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # an open file, not the path: torch.load hands any path ending in ".safetensors" to the safetensors reader,
+        # so a renamed .pth would fail there; the content (sniffed above) decides the reader here
+        with open(path, "rb") as fh:
+            return torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()
         detail = next((ln for ln in reason if "GLOBAL" in ln or "Unsupported" in ln), reason[0] if reason else "")
         raise UnsafeCheckpointError("refused: the pickle asks for objects beyond tensors and plain containers, "
                                     f"which could run code ({detail.strip()}); it was not executed", path) from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, TypeError) as e:
-        raise NotACheckpointError(f"unreadable PyTorch file, truncated or corrupt ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})", path) from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # any failure of the reader on a malformed file (native errors included) is the file's
+        raise NotACheckpointError(f"unreadable PyTorch file, truncated or corrupt ({_describe(e)})", path) from None
+
+
+def _describe(e: BaseException) -> str:
+    """``"Type: first line of the message"`` of a reader's exception (long native messages cut)."""
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
 
 
 def _read_safetensors(path: Path) -> RawCheckpoint:
@@ -106,11 +117,16 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
                 state[k] = fh.get_tensor(k)
     except (SafetensorError, OSError, ValueError) as e:
         raise NotACheckpointError(f"unreadable safetensors file, truncated or corrupt ({e})", path) from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # the native reader's panics derive from BaseException; a bad file must not escape
+        raise NotACheckpointError(f"unreadable safetensors file, truncated or corrupt ({_describe(e)})",
+                                  path) from None
     for k in ("config", "provenance"):
         if k in metadata:
             try:
                 metadata[k] = json.loads(metadata[k])
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise NotACheckpointError(f"safetensors metadata field {k!r} is not valid JSON", path) from None
     return RawCheckpoint(path, "safetensors", state, metadata, [])
 

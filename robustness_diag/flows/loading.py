@@ -17,10 +17,10 @@ from .checkpoint import RawCheckpoint, read_checkpoint
 from ..devices import resolve_device
 from .base import Flow
 from .config import NON_INFERABLE, FlowConfig, HCFlowConfig
-from .errors import ArchitectureMismatchError, CheckpointError, UnsupportedFlowError
+from .errors import ArchitectureMismatchError, CheckpointError, MalformedCheckpointError, UnsupportedFlowError
 from .network import SRFlowFamily
-from .recognition import (Recognition, defaults_for, hcflow_defaults, infer_architecture, infer_hcflow_config,
-                          infer_std_steps, recognize_family)
+from .recognition import (Recognition, defaults_for, hcflow_defaults, implausible_sizes, infer_architecture,
+                          infer_hcflow_config, infer_std_steps, recognize_family)
 from .yaml_config import apply_overrides, read_hcflow_overrides, read_yaml_overrides
 
 FORMAT_TAG = "robustness-diag/flow"
@@ -59,17 +59,27 @@ def load_flow(path_or_name, config=None, device=None, *, residual: Optional[bool
 
     Raises:
         CheckpointError subclasses with the file, the family guess and the reason (missing/unexpected keys,
-        mismatched shapes, unsafe pickle, training-state file, unsupported family).
+        mismatched shapes, unsafe pickle, training-state file, unsupported family, and
+        :class:`~.errors.MalformedCheckpointError` for sizes beyond sane limits or any other failure to interpret
+        what was read: a malformed file never escapes as another exception type).
     """
     if isinstance(path_or_name, str) and path_or_name.startswith("bundled:"):
         path = bundled_path(path_or_name.split(":", 1)[1])
     else:
         path = Path(path_or_name)
     raw = read_checkpoint(path)
-    if raw.format == "safetensors" and raw.metadata.get("format") == FORMAT_TAG:
-        flow = _from_own(raw, config)
-    else:
-        flow = _from_third_party(raw, config, residual)
+    try:
+        if raw.format == "safetensors" and raw.metadata.get("format") == FORMAT_TAG:
+            flow = _from_own(raw, config)
+        else:
+            flow = _from_third_party(raw, config, residual)
+    except CheckpointError as e:
+        raise e.with_path(path) from None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ArithmeticError, RuntimeError,
+            MemoryError, RecursionError) as e:  # whatever else the file's contents make interpretation raise
+        msg = str(e).strip().splitlines()
+        raise MalformedCheckpointError(f"cannot interpret the checkpoint's contents ({type(e).__name__}: "
+                                       f"{msg[0][:300] if msg else ''})", path) from None
     flow.info["sha256"] = file_sha256(path)
     if residual is not None and raw.format == "safetensors":
         flow.config.residual = bool(residual)
@@ -82,6 +92,7 @@ def _from_own(raw: RawCheckpoint, config) -> Flow:
     meta = raw.metadata
     if isinstance(meta.get("config"), dict) and meta["config"].get("family") == "hcflow":
         return _hcflow_from_own(raw, config)
+    _refuse_implausible(meta.get("config"), raw, "header config")
     try:
         cfg = FlowConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -117,6 +128,7 @@ def _from_third_party(raw: RawCheckpoint, config, residual) -> Flow:
     except KeyError as e:
         raise ArchitectureMismatchError(f"recognised as {rec.variant} but key {e} is missing", raw.path,
                                         missing=[str(e).strip("'")]) from None
+    _refuse_implausible(fields, raw, f"sizes inferred from the weights (recognised as {rec.variant})")
     sources = {k: "inferred" for k in fields}
     notes = list(raw.notes)
     d = defaults_for(rec, fields)
@@ -155,11 +167,32 @@ def _from_third_party(raw: RawCheckpoint, config, residual) -> Flow:
     return flow
 
 
-def _build_and_load(raw: RawCheckpoint, cfg: FlowConfig, rec: Recognition, problems=()) -> SRFlowFamily:
+def _refuse_implausible(fields, raw: RawCheckpoint, what: str) -> None:
+    """Raises :class:`MalformedCheckpointError` when ``fields`` (a config or a dict of its fields) holds sizes beyond
+    the sane limits of :func:`~.recognition.implausible_sizes`; nothing has been built yet."""
+    if not isinstance(fields, dict) and not hasattr(fields, "L"):
+        return
+    bad = implausible_sizes(fields)
+    if bad:
+        raise MalformedCheckpointError(f"implausible {what}: {'; '.join(bad)}; refused before building (malformed "
+                                       "file or foreign keys)", raw.path)
+
+
+def _build(raw: RawCheckpoint, rec: Recognition, make):
+    """``make()`` with construction failures (an absurd size that passed the limits, memory) as checkpoint errors."""
     try:
-        flow = model_for_config(cfg)
+        return make()
     except ValueError as e:
         raise ArchitectureMismatchError(f"recognised as {rec.variant}; cannot build: {e}", raw.path) from None
+    except (RuntimeError, OverflowError, MemoryError, TypeError) as e:
+        msg = str(e).strip().splitlines()
+        raise MalformedCheckpointError(f"recognised as {rec.variant}; cannot build the network it describes "
+                                       f"({type(e).__name__}: {msg[0][:300] if msg else ''})", raw.path) from None
+
+
+def _build_and_load(raw: RawCheckpoint, cfg: FlowConfig, rec: Recognition, problems=()) -> SRFlowFamily:
+    _refuse_implausible(cfg, raw, f"architecture (recognised as {rec.variant})")
+    flow = _build(raw, rec, lambda: model_for_config(cfg))
     bad = _load_weights(flow, raw, rec, f"scale={cfg.scale}, L={cfg.L}, K={cfg.K}, nb={cfg.nb}", problems)
     flow.info = {"nonfinite_keys": bad}
     return flow
@@ -193,12 +226,14 @@ def _apply_hcflow_overrides(fields: dict, sources: dict, config) -> None:
 
 def _hcflow_load(raw: RawCheckpoint, fields: dict, sources: dict, rec: Recognition, notes: list, problems=()):
     from .hcflow import HCFlow
+    _refuse_implausible(fields, raw, f"architecture (recognised as {rec.variant})")
     try:
         cfg = HCFlowConfig.from_dict(fields)
         cfg.validate()
-        flow = HCFlow(cfg)
     except ValueError as e:
         raise ArchitectureMismatchError(f"recognised as {rec.variant}; inconsistent settings: {e}", raw.path) from None
+    _refuse_implausible(cfg, raw, f"architecture (recognised as {rec.variant})")
+    flow = _build(raw, rec, lambda: HCFlow(cfg))
     bad = _load_weights(flow, raw, rec, f"scale={cfg.scale}, L={cfg.L}, main steps per level {cfg.K}, "
                                         f"conditional steps {cfg.n_cond_steps}, RRDB_nb {cfg.rrdb_nb}", problems)
     flow.info = {"nonfinite_keys": bad}

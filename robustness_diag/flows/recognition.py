@@ -8,18 +8,39 @@ exploding-inverse detection, :mod:`robustness_diag.detect`.)
 """
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import default_settings
+from .errors import MalformedCheckpointError
 
 _LAYER = re.compile(r"^flowUpsamplerNet\.layers\.(\d+)\.(.*)$")
 _TRUNK = re.compile(r"^RRDB\.RRDB_trunk\.(\d+)\.")
 _COUPLING_ATTRS = ("affine", "affinereparam", "rqspline", "bspline")
 _HC_MAIN = re.compile(r"^flow\.layers\.(\d+)\.")
 _HC_COND = re.compile(r"^flow\.level(\d+)_condFlow\.")
+
+# Sane limits of the sizes read from key patterns, tensor shapes or a header, checked before anything is built (the
+# largest published flows: SRFlow/NCSR 8X with L = 4, K = 16..20, about 100 flow layers, RRDB nb = 23, widths 64..320;
+# HCFlow 8X with L = 3). Beyond them a file is malformed, and building what it describes could exhaust memory or
+# overflow a tensor size.
+#: largest ``flowUpsamplerNet.layers.<i>`` index
+MAX_LAYER_INDEX = 4096
+#: levels (squeezes) L
+MAX_LEVELS = 6
+#: flow steps per level (K, steps without coupling, HCFlow's conditional steps)
+MAX_STEPS = 256
+#: RRDB blocks of a conditioner trunk
+MAX_BLOCKS = 512
+#: any channel width (image, RRDB, coupling hidden, conditioner features)
+MAX_CHANNELS = 4096
+#: channels of the flow's finest-to-coarsest squeezed tensor, ``in_nc * 4**L``
+MAX_FLOW_CHANNELS = 1 << 16
+#: parameters of the network to build (a lower-bound estimate; the largest published flows have about 40 million)
+MAX_PARAMETERS = 500_000_000
 
 
 @dataclass
@@ -94,6 +115,11 @@ def scan_layers(state) -> list[LayerSlot]:
             by_index.setdefault(int(m.group(1)), []).append(m.group(2))
     if not by_index:
         return []
+    top = max(by_index)
+    if top > MAX_LAYER_INDEX:
+        raise MalformedCheckpointError(
+            f"implausible layer index {top} (key 'flowUpsamplerNet.layers.{top}.{by_index[top][0]}'): at most "
+            f"{MAX_LAYER_INDEX} flow layers are plausible (published flows have about 100); refused before building")
     slots = []
     for i in range(max(by_index) + 1):
         rest = by_index.get(i)
@@ -182,6 +208,88 @@ def infer_architecture(state, rec: Recognition) -> tuple[dict, list]:
     n_blocks = f.get("cond_channels", 320) // max(1, f["nf"]) - 1
     f["f_in"], f["f_out"] = (fw[1], fw[0]) if fw else (64 * (1 + n_blocks), 96 if f["splits"] else 384)
     return f, problems
+
+
+def _per_level_list(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _whole(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v) == int(v)
+
+
+def implausible_sizes(cfg) -> list[str]:
+    """The sizes of a :class:`~.config.FlowConfig` or :class:`~.config.HCFlowConfig`, or of a dict of their fields
+    (inferred from weights, read from a header or a YAML; absent fields are not checked), that lie outside the sane
+    limits above (``MAX_*``), each as ``"name=value (plausible: ...)"``; empty when the network can be built. Checked
+    before building (and before a config object expands per-level lists), so that a malformed file cannot make the
+    loader allocate absurd tensors or overflow a size."""
+    problems = []
+    is_dict = isinstance(cfg, dict)
+
+    def get(name):
+        return cfg.get(name) if is_dict else getattr(cfg, name, None)
+
+    def check(name, lo, hi) -> bool:
+        value = get(name)
+        if value is None:
+            return True
+        values = _per_level_list(value)
+        bad = [v for v in values if not (_whole(v) and lo <= int(v) <= hi)]
+        if bad:
+            shown = value if len(values) <= 8 else f"{values[:8]}..."
+            problems.append(f"{name}={shown!r} (plausible: integers in {lo}..{hi})")
+        return not bad
+
+    ok = [check("L", 1, MAX_LEVELS), check("K", 0, MAX_STEPS)]
+    ok += [check(n, 1, MAX_CHANNELS) for n in ("in_nc", "nf", "gc", "hidden", "cond_channels")]
+    ok += [check(n, 0, MAX_CHANNELS) for n in ("std_channels", "f_in", "f_out", "encoder_in_nc")]
+    ok += [check("n_cond_steps", 0, MAX_STEPS), check("rrdb_nb", 0, MAX_BLOCKS)]
+    ok += [check("n_additional", 0, MAX_STEPS), check("nb", 0, MAX_BLOCKS), check("kernel_hidden", 1, 15)]
+    blocks = get("blocks")
+    if blocks is not None and len(_per_level_list(blocks)) > MAX_BLOCKS:
+        problems.append(f"{len(_per_level_list(blocks))} stacked blocks (plausible: at most {MAX_BLOCKS})")
+    if is_dict or not all(ok):
+        return problems
+    c_top = int(cfg.in_nc) * 4 ** int(cfg.L)
+    if c_top > MAX_FLOW_CHANNELS:
+        problems.append(f"in_nc * 4**L = {cfg.in_nc} * 4**{cfg.L} = {c_top} flow channels at the coarsest level "
+                        f"(plausible: at most {MAX_FLOW_CHANNELS})")
+    else:
+        n = parameter_estimate(cfg)
+        if n > MAX_PARAMETERS:
+            problems.append(f"the network would hold at least {n:.3g} parameters (plausible: at most "
+                            f"{MAX_PARAMETERS:.3g})")
+    return problems
+
+
+def parameter_estimate(cfg) -> int:
+    """A lower bound of the parameters of the network ``cfg`` describes (RRDB convolutions, the first convolution of
+    every coupling sub-network and the 1x1 convolutions); for :func:`implausible_sizes` only."""
+    nf, gc = int(cfg.nf), int(cfg.gc)
+    rdb = 9 * (gc * (4 * nf + 6 * gc) + nf * (nf + 4 * gc))
+    L = int(cfg.L)
+    K = [int(k) for k in _per_level_list(cfg.K)] * (L if not isinstance(cfg.K, (list, tuple)) else 1)
+    hidden = int(cfg.hidden)
+    if getattr(cfg, "family", "") == "hcflow":
+        total = sum(int(b) for b in _per_level_list(cfg.rrdb_nb)) * 3 * rdb * L
+        c = int(cfg.in_nc)
+        for k in K[:L]:
+            c *= 4
+            total += k * (c * c + 9 * hidden * (c // 2))
+        return total
+    total = int(cfg.nb) * 3 * rdb
+    cond = int(cfg.cond_channels)
+    n_add = [int(n) for n in _per_level_list(cfg.n_additional)]
+    n_add = n_add * L if len(n_add) == 1 else n_add
+    c = int(cfg.in_nc)
+    for lv in range(L):
+        c *= 4
+        k = K[lv] if lv < len(K) else 0
+        total += k * (9 * hidden * cond + c * c) + (n_add[lv] if lv < len(n_add) else 0) * c * c
+        if lv + 1 in [int(s) for s in _per_level_list(cfg.splits)]:
+            c -= c // 2
+    return total
 
 
 def infer_std_steps(state, rec: Recognition, fields: dict) -> tuple[list | None, str]:

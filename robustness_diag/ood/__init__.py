@@ -12,7 +12,7 @@ Typical use::
     maps = rd.ood.score_maps(flow, scorer, lr)          # {"fea_up1": [h, w]}
     rd.ood.aggregate(maps["fea_up1"], scorer.threshold())   # mean, p95, p99, max, frac_above
 """
-from .errors import NotFittedError, OODError, StatsFileError, StatsMismatchError
+from .errors import NonFiniteStatisticsError, NotFittedError, OODError, StatsFileError, StatsMismatchError
 from .gaussian import (SHRINKAGE_METHODS, GaussianAccumulator, ledoit_wolf_shrinkage, oas_shrinkage,
                        shrunk_covariance, whitening_factor)
 from .scorer import (FORMAT, FORMAT_VERSION, LevelStats, MahalanobisScorer, chi_quantile, mahalanobis_distance,
@@ -20,15 +20,16 @@ from .scorer import (FORMAT, FORMAT_VERSION, LevelStats, MahalanobisScorer, chi_
 from .features import (AGGREGATES, DEFAULT_LEVEL, FeatureExtractor, FeatureOptions, accumulate, aggregate,
                        available_levels, conditioner_features, default_level, extractor_for, feature_channels,
                        feature_levels, fit_flow, fit_statistics, level_ratio, lr_alignment, make_accumulators,
-                       parse_channels, receptive_field, resolve_levels, score_maps, upsample_map)
+                       nonfinite_score_reason, parse_channels, receptive_field, resolve_levels, score_maps,
+                       upsample_map)
 
 __all__ = [
-    "OODError", "NotFittedError", "StatsFileError", "StatsMismatchError",
+    "OODError", "NotFittedError", "NonFiniteStatisticsError", "StatsFileError", "StatsMismatchError",
     "SHRINKAGE_METHODS", "GaussianAccumulator", "oas_shrinkage", "ledoit_wolf_shrinkage", "shrunk_covariance",
     "whitening_factor", "FORMAT", "FORMAT_VERSION", "LevelStats", "MahalanobisScorer", "chi_quantile",
     "mahalanobis_distance", "mahalanobis_distance_cf", "triangular_blocks", "AGGREGATES", "DEFAULT_LEVEL",
     "FeatureExtractor", "FeatureOptions", "accumulate", "aggregate", "available_levels", "conditioner_features",
     "default_level", "extractor_for", "feature_channels", "feature_levels", "fit_flow", "fit_statistics",
-    "level_ratio", "lr_alignment", "make_accumulators", "parse_channels", "receptive_field", "resolve_levels",
-    "score_maps", "upsample_map",
+    "level_ratio", "lr_alignment", "make_accumulators", "nonfinite_score_reason", "parse_channels",
+    "receptive_field", "resolve_levels", "score_maps", "upsample_map",
 ]

@@ -19,5 +19,12 @@ class StatsFileError(OODError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class NonFiniteStatisticsError(OODError, ValueError):
+    """NaN/Inf where statistics must be finite: conditioner features streamed into a fit (the image is refused and
+    nothing of it is accumulated), the fitted moments or factors (the fit is refused), or the tensors of a loaded
+    statistics file (see :class:`StatsFileError`). The message names the level, how many values are non-finite and
+    the likely cause (non-finite weights, an overflow)."""
+
+
 class StatsMismatchError(OODError):
     """Statistics that do not belong to the flow or the features at hand (other checkpoint, level, channels)."""

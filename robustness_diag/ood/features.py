@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from ..flows.base import Flow
 from ..data.tiling import crop_to, iter_tiled, pad_to_multiple, plan_tiles, tiled_map
+from .errors import NonFiniteStatisticsError
 from .gaussian import GaussianAccumulator
-from .scorer import MahalanobisScorer
+from .scorer import NONFINITE_CAUSE, MahalanobisScorer
 
 DEFAULT_LEVEL = "fea_up1"
 MAX_AUTO_MARGIN = 96
@@ -281,15 +282,59 @@ def make_accumulators(extractor: FeatureExtractor) -> dict[str, GaussianAccumula
 
 def accumulate(extractor: FeatureExtractor, accs: Mapping[str, GaussianAccumulator], lr: torch.Tensor) -> int:
     """Streams the features of one LR image ``[1, 3, h, w]`` into ``accs``; returns the number of positions added
-    at the first level."""
+    at the first level.
+
+    Raises :class:`~.errors.NonFiniteStatisticsError` when any feature value of the image is NaN/Inf (naming the
+    level, how many values and positions, and the likely cause); ``accs`` are then left as they were before the
+    image, so one such image never poisons the statistics."""
     n = 0
     first = extractor.levels[0]
-    for parts in extractor.iter_vectors(lr):
-        for lv, v in parts.items():
-            accs[lv].update(v)
-            if lv == first:
-                n += v.shape[0]
+    saved = {lv: acc.snapshot() for lv, acc in accs.items()}
+    counts = {lv: [0, 0, 0, 0] for lv in accs}     # level -> [non-finite values, values, bad positions, positions]
+    refused = False
+    try:
+        for parts in extractor.iter_vectors(lr):
+            for lv, v in parts.items():
+                c = counts.setdefault(lv, [0, 0, 0, 0])
+                c[1] += v.numel()
+                c[3] += v.shape[0]
+                fin = torch.isfinite(v)
+                if not bool(fin.all()):
+                    c[0] += int((~fin).sum())
+                    c[2] += int((~fin.all(1)).sum())
+                    refused = True
+                if refused:                         # from the first non-finite value on: only count
+                    continue
+                accs[lv].update(v)
+                if lv == first:
+                    n += v.shape[0]
+    except BaseException:
+        for lv, snap in saved.items():
+            accs[lv].restore(snap)
+        raise
+    if refused:
+        bad = {lv: c for lv, c in counts.items() if c[0]}
+        for lv, snap in saved.items():
+            accs[lv].restore(snap)
+        raise NonFiniteStatisticsError(nonfinite_features_message(extractor.flow, bad, lr))
     return n
+
+
+def nonfinite_features_message(flow, counts: Mapping[str, Sequence[int]], lr: Optional[torch.Tensor] = None) -> str:
+    """The reason an image's conditioner features were refused: ``counts`` is ``{level: (non-finite values, values,
+    positions with one, positions)}`` over the whole image; the likely cause comes from the flow's non-finite weights
+    (``flow.info["nonfinite_keys"]``) or the input."""
+    where = "; ".join(f"level {lv}: {c[0]} of {c[1]} feature values NaN/Inf ({c[2]} of {c[3]} positions)"
+                      for lv, c in counts.items())
+    keys = list(getattr(flow, "info", {}).get("nonfinite_keys") or [])
+    if lr is not None and not bool(torch.isfinite(lr).all()):
+        cause = "likely cause: the input image itself holds NaN/Inf values"
+    elif keys:
+        cause = (f"likely cause: {len(keys)} weight tensor(s) of the checkpoint hold NaN/Inf (e.g. "
+                 f"{', '.join(keys[:3])})")
+    else:
+        cause = NONFINITE_CAUSE
+    return f"non-finite conditioner features, not used for the statistics: {where}; {cause}"
 
 
 def fit_flow(flow, images: Iterable[torch.Tensor], options: Optional[FeatureOptions] = None, *,
@@ -314,7 +359,10 @@ def fit_flow(flow, images: Iterable[torch.Tensor], options: Optional[FeatureOpti
     accs = make_accumulators(ex)
     n_images = 0
     for img in images:
-        accumulate(ex, accs, img)
+        try:
+            accumulate(ex, accs, img)
+        except NonFiniteStatisticsError as e:
+            raise NonFiniteStatisticsError(f"statistics refused: image {n_images}: {e}") from None
         n_images += 1
     return fit_statistics(ex, accs, n_images=n_images, shrinkage=shrinkage, ridge=ridge,
                           max_condition=max_condition, started=started, meta=meta)
@@ -344,9 +392,16 @@ def fit_statistics(extractor: FeatureExtractor, accs: Mapping[str, GaussianAccum
          "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
          "fit_seconds": round(time.time() - started, 3) if started is not None else 0.0}
     m.update(meta or {})
-    return MahalanobisScorer.from_accumulators(
-        accs, shrinkage=shrinkage, ridge=ridge, max_condition=max_condition, channels=extractor.channels,
-        n_channels_total={lv: extractor.n_channels for lv in extractor.levels}, meta=m)
+    try:
+        return MahalanobisScorer.from_accumulators(
+            accs, shrinkage=shrinkage, ridge=ridge, max_condition=max_condition, channels=extractor.channels,
+            n_channels_total={lv: extractor.n_channels for lv in extractor.levels}, meta=m)
+    except NonFiniteStatisticsError as e:
+        keys = list(getattr(flow, "info", {}).get("nonfinite_keys") or [])
+        if not keys:
+            raise
+        raise NonFiniteStatisticsError(f"{e} (the checkpoint has {len(keys)} weight tensor(s) holding NaN/Inf, "
+                                       f"e.g. {', '.join(keys[:3])})") from None
 
 
 def extractor_for(flow, scorer: MahalanobisScorer, options: Optional[FeatureOptions] = None) -> FeatureExtractor:
@@ -373,6 +428,29 @@ def upsample_map(score_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 
 AGGREGATES = ("mean", "p95", "p99", "max", "frac_above")
+
+
+def nonfinite_score_reason(level: str, agg: Mapping[str, float], score_map, lr: Optional[torch.Tensor] = None,
+                           flow=None) -> Optional[str]:
+    """Why an image's scores at ``level`` are no result, or None when every aggregate of :func:`aggregate` is
+    finite. A NaN/Inf aggregate (every position non-finite: from a finite image that means non-finite features or
+    statistics) is a failure of that image with this reason, never an ok row; single non-finite positions among
+    finite ones stay a result (counted, and above every threshold)."""
+    bad = [k for k, v in agg.items() if not math.isfinite(float(v))]
+    if not bad:
+        return None
+    m = score_map.detach() if isinstance(score_map, torch.Tensor) else torch.as_tensor(np.asarray(score_map))
+    k = int((~torch.isfinite(m)).sum())
+    keys = list(getattr(flow, "info", {}).get("nonfinite_keys") or []) if flow is not None else []
+    if lr is not None and not bool(torch.isfinite(lr).all()):
+        cause = "the input image holds NaN/Inf values"
+    elif keys:
+        cause = (f"from a finite input image; likely cause: {len(keys)} weight tensor(s) of the checkpoint hold "
+                 f"NaN/Inf (e.g. {', '.join(keys[:3])})")
+    else:
+        cause = f"from a finite input image; {NONFINITE_CAUSE}"
+    return (f"non-finite OOD score at level {level}: {', '.join(bad)} NaN/Inf ({k} of {m.numel()} positions "
+            f"non-finite) {cause}")
 
 
 def aggregate(score_map, threshold: float) -> dict[str, float]:

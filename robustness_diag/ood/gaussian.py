@@ -119,6 +119,21 @@ class GaussianAccumulator:
         self.m2 = ma + mb2
         self.t3, self.q4 = ta + tb, qa + qb
 
+    def snapshot(self) -> tuple:
+        """The current moments, to :meth:`restore` after a refused input. The update never modifies the moment
+        tensors in place (each merge makes new ones), so this holds references, not copies."""
+        return (self.n, self.mean, self.m2, self.t3, self.q4)
+
+    def restore(self, snap: tuple) -> None:
+        """Back to the moments of a :meth:`snapshot` (drops everything added since)."""
+        self.n, self.mean, self.m2, self.t3, self.q4 = snap
+
+    def nonfinite_moments(self) -> dict[str, int]:
+        """``{moment: number of NaN/Inf values}`` of the non-finite moments (``mean``, ``m2``, ``t3``, ``q4``); empty
+        when all are finite."""
+        counts = {k: int((~torch.isfinite(getattr(self, k))).sum()) for k in ("mean", "m2", "t3", "q4")}
+        return {k: v for k, v in counts.items() if v}
+
     def covariance(self) -> torch.Tensor:
         """Biased empirical covariance ``S = m2 / n`` ``[D, D]`` float64 (scikit-learn's ``empirical_covariance``)."""
         if self.n < 1:

@@ -26,7 +26,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import NotFittedError, StatsFileError, StatsMismatchError
+from .errors import NonFiniteStatisticsError, NotFittedError, StatsFileError, StatsMismatchError
 from .gaussian import GaussianAccumulator, normalise_method, shrunk_covariance, whitening_factor
 
 FORMAT = "robustness-diag.ood-stats"
@@ -35,6 +35,21 @@ FORMAT_VERSION = 1
 #: of a D-dimensional standard Gaussian); stored per level at fit time, overridable when scoring.
 DEFAULT_THRESHOLD_QUANTILE = 0.99
 _TENSORS = ("mean", "cov", "chol", "whiten", "channels", "n", "m2", "t3", "q4")
+#: the tensors that must be finite (a NaN/Inf in any of them makes every distance NaN or meaningless)
+_FLOAT_TENSORS = ("mean", "cov", "chol", "whiten", "m2", "t3", "q4")
+#: what non-finite statistics usually come from (said when a fit or a file is refused)
+NONFINITE_CAUSE = ("likely cause: non-finite conditioner features, e.g. from NaN/Inf weights in the checkpoint, a "
+                   "non-finite input, or values beyond the float64 range")
+
+
+def _nonfinite_counts(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """``{name: (non-finite values, values)}`` of the tensors holding NaN/Inf."""
+    out = {}
+    for k, v in tensors.items():
+        n = int((~torch.isfinite(v)).sum()) if v.is_floating_point() else 0
+        if n:
+            out[k] = (n, v.numel())
+    return out
 
 
 def chi_quantile(q: float, dof: int) -> float:
@@ -224,10 +239,24 @@ class MahalanobisScorer(nn.Module):
         for name, acc in accs.items():
             if acc.n < 2:
                 raise NotFittedError(f"level {name}: need at least 2 feature vectors, got {acc.n}")
+            bad = _nonfinite_counts({k: getattr(acc, k) for k in ("mean", "m2", "t3", "q4")})
+            if bad:
+                raise NonFiniteStatisticsError(
+                    f"level {name}: statistics refused: the moments of {acc.n} feature vectors are not finite ("
+                    + ", ".join(f"{k}: {a} of {b} values NaN/Inf" for k, (a, b) in bad.items())
+                    + f"); {NONFINITE_CAUSE}")
             total = (n_channels_total or {}).get(name, acc.dim)
             st = LevelStats(acc.dim, total)
             cov, coef = shrunk_covariance(acc, method, ridge)
-            cov_used, chol, w, wr = whitening_factor(cov, max_condition)
+            bad = _nonfinite_counts({"covariance": cov})
+            if not bad:
+                cov_used, chol, w, wr = whitening_factor(cov, max_condition)
+                bad = _nonfinite_counts({"covariance": cov_used, "Cholesky factor": chol, "whitening factor": w})
+            if bad:
+                raise NonFiniteStatisticsError(
+                    f"level {name}: statistics refused: the " + ", ".join(
+                        f"{k} holds {a} of {b} values NaN/Inf" for k, (a, b) in bad.items())
+                    + " although the moments are finite (feature values beyond the float64 range?)")
             s = acc.covariance()
             diag = torch.diagonal(s)
             tiny = diag <= 1e-12 * max(float(diag.mean()), 1e-300)
@@ -383,7 +412,16 @@ class MahalanobisScorer(nn.Module):
                 st.load_state_dict({t: tensors[f"{name}.{t}"] for t in _TENSORS})
             except RuntimeError as e:
                 raise StatsFileError(path, f"level {name}: inconsistent tensor shapes ({e})") from None
+            bad = _nonfinite_counts({t: getattr(st, t) for t in _FLOAT_TENSORS})
+            if bad:
+                raise StatsFileError(path, f"level {name}: non-finite statistics refused: " + "; ".join(
+                    f"tensor '{name}.{t}' holds {a} NaN/Inf value(s) of {b}" for t, (a, b) in bad.items())
+                    + f" ({NONFINITE_CAUSE}; refit them with 'robustness-diag fit')")
             levels[name] = st
+        bad_thr = {k: v for k, v in (meta.get("thresholds") or {}).items()
+                   if not isinstance(v, (int, float)) or not math.isfinite(v)}
+        if bad_thr:
+            raise StatsFileError(path, f"non-finite default threshold(s) in the metadata: {bad_thr}")
         meta["source"] = str(path)
         return cls(levels, meta).to(map_location)
 

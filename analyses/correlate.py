@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from robustness_diag.exit_codes import EXIT_OK, EXIT_USAGE
+from robustness_diag.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from robustness_diag.io import atomic_write, atomic_write_json
 
 from . import stats as S
-from .folder_run import read_frame
-from .inputs import flat_name
+from .folder_run import FolderLockedError, final_rows, folder_lock, read_table
+from .inputs import flat_name, name_key
 
 
 @dataclass
@@ -38,7 +39,9 @@ class ModelResult:
     ``obs``: per-position observations; ``explosion``: optional per-position explosion statistic ``[N]``;
     ``layer_traces``: ``{label: [{"layer", "max_log_slope"}, ...]}``; ``slope_bound``: the coupling's analytic
     log inverse-slope bound, if it has one; ``examples``: panels for :func:`reports.figures.example_panel`;
-    ``join``: for run folders, the image counts of :func:`join_runs`.
+    ``join``: for run folders, the image counts of :func:`join_runs` plus ``map_unreadable`` and
+    ``map_of_another_image`` (images left out at reading their maps); ``left_out``: those images,
+    ``[{"path", "reason"}]``.
     """
 
     name: str
@@ -50,6 +53,7 @@ class ModelResult:
     image_names: Optional[list] = None
     notes: list = field(default_factory=list)
     join: Optional[dict] = None
+    left_out: list = field(default_factory=list)
 
 
 @dataclass
@@ -98,9 +102,10 @@ class ToyCorrelateConfig(CorrelateConfig):
 
 @dataclass
 class CorrelateResult:
-    """What ``correlate`` wrote: ``exit_code`` (0 done, 2 unusable inputs with ``error``), the report folder, the
-    statistics per model (as in ``metrics.json``), the report path (None without ``render``) and, for run folders,
-    per model what the score/sample join left out (:func:`join_runs`)."""
+    """What ``correlate`` wrote: ``exit_code`` (0 done, 1 done without some images whose maps could not be used,
+    each named with its reason in ``left_out``, 2 unusable inputs with ``error``), the report folder, the statistics
+    per model (as in ``metrics.json``), the report path (None without ``render``) and, for run folders, per model what
+    the score/sample join left out (:func:`join_runs`, plus the map counts of :class:`ModelResult`)."""
 
     exit_code: int = EXIT_OK
     error: Optional[str] = None
@@ -108,6 +113,7 @@ class CorrelateResult:
     metrics: dict = field(default_factory=dict)
     report: Optional[Path] = None
     joins: dict = field(default_factory=dict)
+    left_out: dict = field(default_factory=dict)
 
 
 def toy_results(cfg: ToyCorrelateConfig, couplings=("affine", "rqspline"), flows: Optional[dict] = None
@@ -174,32 +180,85 @@ def join_runs(score_dir, sample_dir) -> tuple[list, dict]:
     them on the image key (``path``). Returns ``(keys, counts)``: the keys ok in both, in ``scores.csv`` order, and
     ``{"joined", "score_failed", "sample_failed", "scored_not_sampled", "sampled_not_scored"}`` image counts
     (``*_not_*``: ok in one run, absent from or failed in the other).
+
+    One row per image: the row that counts is :func:`.folder_run.final_rows`'s (a failed row followed by its retry is
+    the retry; repeated identical rows count once). A table with two *different* rows for one image (two runs wrote it
+    at once) is refused: :class:`.folder_run.DuplicateRowsError` (a ``ValueError``) naming the table and the image.
     """
-    scores = read_frame(Path(score_dir) / "scores.csv")
-    samples = read_frame(Path(sample_dir) / "samples.csv")
+    def final(path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing")
+        return final_rows(read_table(path)[1], path)
 
-    def ok_paths(df):
-        if df.empty:
-            return df.reindex(columns=["path"])
-        return df.loc[df["status"] == "ok", ["path"]].drop_duplicates()
-
-    def failed(df):
-        return 0 if df.empty else int((~df.loc[df["status"] != "ok", "path"].isin(ok_paths(df)["path"])).sum())
-
-    s_ok, p_ok = ok_paths(scores), ok_paths(samples)
-    joined = s_ok.merge(p_ok, on="path", how="inner")            # keeps the order of scores.csv
-    keys = joined["path"].tolist()
-    counts = {"joined": len(keys), "score_failed": failed(scores), "sample_failed": failed(samples),
-              "scored_not_sampled": int((~s_ok["path"].isin(p_ok["path"])).sum()),
-              "sampled_not_scored": int((~p_ok["path"].isin(s_ok["path"])).sum())}
+    scores, samples = final(Path(score_dir) / "scores.csv"), final(Path(sample_dir) / "samples.csv")
+    s_ok = [k for k, r in scores.items() if r.get("status") == "ok"]
+    p_ok = {k for k, r in samples.items() if r.get("status") == "ok"}
+    keys = [k for k in s_ok if k in p_ok]                        # in the order of scores.csv
+    counts = {"joined": len(keys), "score_failed": len(scores) - len(s_ok), "sample_failed": len(samples) - len(p_ok),
+              "scored_not_sampled": len(s_ok) - len(keys), "sampled_not_scored": len(p_ok) - len(keys)}
     return keys, counts
+
+
+class MapError(ValueError):
+    """One image's maps cannot be used: unreadable (truncated, corrupt) or recorded for another image. ``kind`` is
+    ``"map_unreadable"`` or ``"map_of_another_image"`` (the count it goes to)."""
+
+    def __init__(self, message: str, kind: str = "map_unreadable"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def read_maps(key: str, score_map, sample_map) -> tuple:
+    """``(score map float64 [h, w], sample arrays {artifact_mask, explosion, attribution})`` of image ``key``: the
+    ``.npy`` written by ``score`` and the ``.npz`` written by ``sample``, read completely (no pickles) and checked.
+
+    The ``.npz`` must record ``key`` as its ``source``; the score map's identity is its file name, which must
+    decode to ``key`` (:func:`.inputs.name_key`).
+
+    Raises:
+        MapError: a file that cannot be read whole (truncated, corrupt, pickled, arrays missing), a map recorded for
+            another image, or one without a recorded source.
+    """
+    score_map, sample_map = Path(score_map), Path(sample_map)
+    stem = score_map.name[:-len(".npy")].rsplit(".", 1)[0]
+    if name_key(stem) != key:
+        raise MapError(f"{score_map.name} is not the score map of {key!r}", "map_of_another_image")
+    try:
+        smap = np.load(score_map, allow_pickle=False).astype(np.float64)
+        if smap.ndim != 2:
+            raise ValueError(f"expected a 2-D map, found shape {smap.shape}")
+    except Exception as e:  # noqa: BLE001 - any reading failure is this image's, with its reason
+        raise MapError(f"{score_map}: unreadable ({type(e).__name__}: {e})") from None
+    try:
+        with np.load(sample_map, allow_pickle=False) as z:
+            if "source" not in z.files:
+                raise MapError(f"{sample_map}: records no source image (written by an older version?); refused",
+                               "map_of_another_image")
+            source = str(z["source"])
+            if source != key:
+                raise MapError(f"{sample_map}: holds the maps of {source!r}, not of {key!r}; refused",
+                               "map_of_another_image")
+            arrays = {k: z[k] for k in ("artifact_mask", "explosion", "attribution")}
+    except MapError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt archive, missing arrays
+        raise MapError(f"{sample_map}: unreadable ({type(e).__name__}: {e})") from None
+    mask = arrays["artifact_mask"]
+    if mask.ndim != 3 or arrays["explosion"].shape != mask.shape or arrays["attribution"].shape != mask.shape:
+        raise MapError(f"{sample_map}: arrays of inconsistent shapes {mask.shape}, {arrays['explosion'].shape}, "
+                       f"{arrays['attribution'].shape}")
+    return smap, arrays
 
 
 def _join_note(counts: dict) -> str:
     left = [f"{counts[k]} {text}" for k, text in (("score_failed", "failed in score"),
                                                     ("sample_failed", "failed in sample"),
                                                     ("scored_not_sampled", "scored but not sampled"),
-                                                    ("sampled_not_scored", "sampled but not scored")) if counts[k]]
+                                                    ("sampled_not_scored", "sampled but not scored"),
+                                                    ("map_unreadable", "with unreadable maps"),
+                                                    ("map_of_another_image", "with maps of another image"))
+            if counts.get(k)]
     return f"{counts['joined']} images in both runs" + (f"; left out: {', '.join(left)}" if left else "")
 
 
@@ -208,10 +267,13 @@ def results_from_run_dirs(dirs, grid: str = "feature") -> list[ModelResult]:
     digest (any order; one score and one sample folder per checkpoint).
 
     Per image present and ok in both: the score map (``maps/<name>.<level>.npy``, the first scored level) and the
-    artifact masks (``maps/<name>.npz``); ``grid="feature"`` counts an event per feature-grid cell and sample when any
-    HR pixel of the cell is an artifact; ``grid="hr"`` upsamples the score map to HR (bilinear) instead. The
-    explosion statistic per position is its maximum over samples (non-finite = exploded, counted as +1e30).
-    Which images enter is :func:`join_runs`; what it left out is in each model's notes and ``join``.
+    artifact masks (``maps/<name>.npz``), ``<name>`` being :func:`.inputs.flat_name` of the key; ``grid="feature"``
+    counts an event per feature-grid cell and sample when any HR pixel of the cell is an artifact; ``grid="hr"``
+    upsamples the score map to HR (bilinear) instead. The explosion statistic per position is its maximum over samples
+    (non-finite = exploded, counted as +1e30). Which images enter is :func:`join_runs`; what it left out is in each
+    model's notes and ``join``. A missing map file is an error (the run was made without ``--save-maps``); an image
+    whose maps cannot be used (:func:`read_maps`: truncated, corrupt or pickled, or recorded for another image) is left
+    out, counted in ``join`` and named with its reason in the model's ``left_out`` and notes.
     """
     import torch
 
@@ -236,26 +298,38 @@ def results_from_run_dirs(dirs, grid: str = "feature") -> list[ModelResult]:
         keys, counts = join_runs(sdir, pdir)
         if not keys:
             raise ValueError(f"{sdir} and {pdir} have no successfully processed image in common")
-        scores, events, trials, image, explosion, names = [], [], [], [], [], []
+        scores, events, trials, image, explosion, names, left_out = [], [], [], [], [], [], []
+        counts.update(map_unreadable=0, map_of_another_image=0)
         best = (-1.0, None)
-        for i, key in enumerate(keys):
+        for key in keys:
             name = flat_name(key)
             smap_path, npz_path = sdir / "maps" / f"{name}.{level}.npy", pdir / "maps" / f"{name}.npz"
             if not smap_path.is_file():
                 raise FileNotFoundError(f"{smap_path}: missing; run 'score' with --save-maps")
             if not npz_path.is_file():
                 raise FileNotFoundError(f"{npz_path}: missing; run 'sample' with --save-maps")
-            smap = np.load(smap_path).astype(np.float64)
-            z = np.load(npz_path)
-            mask, ex = z["artifact_mask"], np.nan_to_num(z["explosion"].astype(np.float64), nan=1e30, posinf=1e30)
-            S_ = mask.shape[0]
-            if grid == "hr":
-                smap = torch.nn.functional.interpolate(torch.from_numpy(smap)[None, None], size=mask.shape[1:],
-                                                       mode="bilinear", align_corners=False)[0, 0].numpy()
-                ev, exm = mask.sum(0), ex.max(0)
-            else:
-                ev = events_per_cell(torch.from_numpy(mask), smap.shape)[0].numpy()
-                exm = max_per_cell(torch.from_numpy(ex), smap.shape).numpy()
+            try:                 # damaged, pickled (object) or another image's maps: this image is left out
+                smap, z = read_maps(key, smap_path, npz_path)
+                mask = z["artifact_mask"]
+                ex = np.nan_to_num(z["explosion"].astype(np.float64), nan=1e30, posinf=1e30)
+                S_ = mask.shape[0]
+                if grid == "hr":
+                    smap = torch.nn.functional.interpolate(torch.from_numpy(smap)[None, None], size=mask.shape[1:],
+                                                           mode="bilinear", align_corners=False)[0, 0].numpy()
+                    ev, exm = mask.sum(0), ex.max(0)
+                else:
+                    ev = events_per_cell(torch.from_numpy(mask), smap.shape)[0].numpy()
+                    exm = max_per_cell(torch.from_numpy(ex), smap.shape).numpy()
+            except MapError as e:
+                counts[e.kind] += 1
+                left_out.append({"path": key, "reason": str(e)})
+                continue
+            except Exception as e:  # noqa: BLE001 - maps that do not fit each other (another image's size)
+                counts["map_unreadable"] += 1
+                left_out.append({"path": key, "reason": f"maps {smap_path.name} and {npz_path.name} do not fit "
+                                                        f"together ({type(e).__name__}: {e})"})
+                continue
+            i = len(names)
             scores.append(smap.ravel())
             events.append(ev.ravel())
             trials.append(np.full(smap.size, S_))
@@ -266,13 +340,19 @@ def results_from_run_dirs(dirs, grid: str = "feature") -> list[ModelResult]:
                 n = int(mask.reshape(S_, -1).sum(1).argmax())
                 best = (float(ev.sum()), {"title": key, "mask": mask[n], "ood": smap, "explosion": z["explosion"][n],
                                           "attribution": z["attribution"][n]})
+        counts["joined"] = len(names)
+        if not names:
+            raise ValueError(f"{sdir} and {pdir}: no image with usable maps ("
+                             + "; ".join(f"{f['path']!r}: {f['reason']}" for f in left_out[:3]) + ")")
         obs = S.Observations(np.concatenate(scores), np.concatenate(events), np.concatenate(trials),
                              np.concatenate(image))
         label = Path(str(g["path"]).replace("bundled:", "")).stem
+        notes = [f"{label}: scores from {sdir} (level {level}), samples from {pdir}; grid '{grid}'; "
+                 f"{_join_note(counts)}"]
+        notes += [f"{label}: left out {f['path']!r}: {f['reason']}" for f in left_out]
         results.append(ModelResult(label, obs, np.concatenate(explosion), image_names=names,
-                                   examples=[best[1]] if best[1] is not None else [],
-                                   notes=[f"{label}: scores from {sdir} (level {level}), samples from {pdir}; grid "
-                                          f"'{grid}'; {_join_note(counts)}"], join=counts))
+                                   examples=[best[1]] if best[1] is not None else [], notes=notes, join=counts,
+                                   left_out=left_out))
     return results
 
 
@@ -328,20 +408,34 @@ def run(config: CorrelateConfig, render: Optional[Callable] = None) -> Correlate
     ``report_data.json`` and ``examples.npz``; never raises for unusable inputs (``exit_code`` 2 and ``error``).
 
     ``render(out_dir) -> Path``: draws the figures and ``report.html`` from those files (the CLI passes
-    :func:`robustness_diag.reports.correlate_report.rerender`; analyses never import the report layer)."""
+    :func:`robustness_diag.reports.correlate_report.rerender`; analyses never import the report layer).
+
+    Images left out because their maps could not be used are printed to stderr with their reasons (``left out
+    'KEY' (MODEL): REASON``) and make ``exit_code`` 1."""
     try:
         results = gather(config)
     except (FileNotFoundError, ValueError) as e:
         return CorrelateResult(exit_code=EXIT_USAGE, error=str(e))
+    for r in results:
+        for f in r.left_out:
+            print(f"left out {f['path']!r} ({r.name}): {f['reason']}", file=sys.stderr)
     return write_results(results, config, render)
 
 
 def write_results(results: Sequence[ModelResult], cfg: CorrelateConfig,
                   render: Optional[Callable] = None) -> CorrelateResult:
     """The statistics of ``results`` written to ``cfg.out`` (``cfg``'s own inputs are not looked at); see
-    :func:`run`."""
+    :func:`run`. ``cfg.out`` is locked while it is written (:func:`.folder_run.folder_lock`): when another run holds
+    it, nothing is written and ``exit_code`` is 2 with ``error``."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with folder_lock(out, "correlate"):
+            return _write_results(results, cfg, out, render)
+    except FolderLockedError as e:
+        return CorrelateResult(exit_code=EXIT_USAGE, error=str(e))
+
+
+def _write_results(results, cfg: CorrelateConfig, out: Path, render) -> CorrelateResult:
     metrics = analyse(results, cfg)
     data = report_data(results, cfg, metrics, notes=[n for r in results for n in r.notes])
     atomic_write_json(out / "metrics.json", {"config": data["config"], "models": metrics})
@@ -352,8 +446,10 @@ def write_results(results: Sequence[ModelResult], cfg: CorrelateConfig,
     elif (out / "examples.npz").exists():
         (out / "examples.npz").unlink()               # a stale file from an earlier run must not be rendered
     report = render(out) if render is not None else None
-    return CorrelateResult(out=out, metrics=metrics, report=None if report is None else Path(report),
-                           joins={r.name: r.join for r in results if r.join is not None})
+    left_out = {r.name: list(r.left_out) for r in results if r.left_out}
+    return CorrelateResult(exit_code=EXIT_FAILED if left_out else EXIT_OK, out=out, metrics=metrics,
+                           report=None if report is None else Path(report),
+                           joins={r.name: r.join for r in results if r.join is not None}, left_out=left_out)
 
 
 def report_data(results: Sequence[ModelResult], cfg: CorrelateConfig, metrics: dict, notes: Sequence[str]) -> dict:
@@ -403,5 +499,6 @@ def load_examples(path: Path) -> list:
 
 
 __all__ = ["ModelResult", "CorrelateConfig", "ToyCorrelateConfig", "CorrelateResult", "toy_results", "join_runs",
+           "MapError", "read_maps",
            "results_from_run_dirs", "analyse", "config_record", "gather", "run", "write_results", "report_data",
            "titled_examples", "save_examples", "load_examples"]

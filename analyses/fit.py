@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 from robustness_diag.devices import DEFAULT_DEVICE
 from robustness_diag.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from robustness_diag.text import printable
 
 from .folder_run import FolderRunConfig, FolderRunResult, run_folder
 from .inputs import InputOptions, decoder, list_inputs, setup_errors, to_lr
@@ -69,16 +70,16 @@ class FitResult:
     def summary(self) -> str:
         """Human-readable summary: images used, failed files, per-level fit report, the statistics path."""
         if self.error and self.run is None:
-            return f"error: {self.error}"
+            return f"error: {printable(self.error)}"
         lines = [self.run.summary("used for the fit")] if self.run else []
         if self.error:
-            lines.append(f"error: {self.error}")
+            lines.append(f"error: {printable(self.error)}")
         if self.scorer is not None:
             for lv, r in self.scorer.fit_report.items():
                 lines.append(f"{lv}: {r['pixel_count']:,} positions x {r['dim']} channels; {r['shrinkage']} "
                              f"shrinkage {r['shrinkage_coefficient']:.3g}; condition number {r['condition_number']:.3g}"
                              + ("; " + "; ".join(r["notes"]) if r["notes"] else ""))
-            lines.append(f"statistics: {self.stats_path}")
+            lines.append(f"statistics: {printable(self.stats_path)}")
         return "\n".join(lines)
 
 
@@ -88,7 +89,7 @@ def run(config: FitConfig) -> FitResult:
 
     import robustness_diag as rd
     from robustness_diag.devices import resolve_device
-    from robustness_diag.ood import FeatureExtractor, FeatureOptions
+    from robustness_diag.ood import FeatureExtractor, FeatureOptions, OODError
     from robustness_diag.ood.features import accumulate, fit_statistics, make_accumulators
     from robustness_diag.ood.gaussian import normalise_method
 
@@ -124,8 +125,14 @@ def run(config: FitConfig) -> FitResult:
         return res
     meta = {"checkpoint": str(cfg.checkpoint), "input": "hr" if inp.from_hr else "lr", "n_failed": loop.n_failed,
             "failed": loop.failed[:100], "images": [str(p) for p in inp.images]}
-    scorer = fit_statistics(ex, accs, n_images=loop.n_ok, shrinkage=method, ridge=cfg.ridge,
-                            max_condition=cfg.max_condition, started=t_start, meta=meta)
+    try:
+        scorer = fit_statistics(ex, accs, n_images=loop.n_ok, shrinkage=method, ridge=cfg.ridge,
+                                max_condition=cfg.max_condition, started=t_start, meta=meta)
+    except OODError as e:                  # e.g. features so large that the float64 moments overflow
+        res.exit_code = EXIT_FAILED
+        res.error = f"statistics refused, none written: {e}"
+        res.seconds = time.time() - t_start
+        return res
     res.stats_path = scorer.save(cfg.out)
     res.scorer = scorer
     res.exit_code = loop.exit_code

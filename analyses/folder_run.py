@@ -9,9 +9,14 @@ per-image callback and the names of the columns it fills; this module does the r
   ``notes`` (decoder conversions and callback remarks, ``; ``-separated) and ``seconds``;
 * ``resume=True`` skips every file whose key already has a row (``retry_failed=True``: only those with status
   ``ok``; the retried ones get a new row and the CSV is compacted to the last row per key at the end, atomically);
-  a torn last line left by a crash is dropped first;
+  a torn last line left by a crash is dropped first, and a table with two different successful rows for one key is
+  refused (:func:`final_rows`);
+* holds an exclusive lock on ``OUTDIR`` while it runs (:func:`folder_lock`): a second run into the same folder is
+  refused at once with the first one's pid and host (:class:`FolderLockedError`, exit code 2);
 * writes ``OUTDIR/run.json`` atomically at the start, every ``checkpoint_seconds`` and at the end: command, config,
-  versions (python, platform, torch, numpy, robustness-diag, Pillow), timing, counts and the failed files with reasons;
+  versions (python, platform, torch, numpy, robustness-diag, Pillow), timing, counts and the failed files with reasons,
+  and ``scan`` when ``items`` is an :class:`robustness_diag.data.images.ImageList`: every entry the listing saw, used
+  or skipped, counted per reason with the first names (the summary prints it as one ``inputs:`` line);
 * shows a tqdm progress bar (stderr) and returns a :class:`FolderRunResult` with a printable summary.
 
 Example (a command plugging in its own work)::
@@ -25,10 +30,14 @@ Example (a command plugging in its own work)::
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import json
 import math
+import os
 import platform
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +48,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from robustness_diag.data.images import DecodedImage, ImageItem, ImageReadError, read_image
 from robustness_diag.exit_codes import EXIT_FAILED, EXIT_OK
 from robustness_diag.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from robustness_diag.text import printable
 
 LEADING_COLUMNS = ("path", "status", "error")
 TRAILING_COLUMNS = ("notes", "seconds")
@@ -46,6 +56,14 @@ TRAILING_COLUMNS = ("notes", "seconds")
 
 class FolderRunError(Exception):
     """A setup problem of the loop itself (output exists without --resume, CSV with other columns, ...)."""
+
+
+class FolderLockedError(FolderRunError):
+    """Another run holds the output folder (:func:`folder_lock`)."""
+
+
+class DuplicateRowsError(FolderRunError, ValueError):
+    """A result table holds two different rows that both claim one image (:func:`final_rows`)."""
 
 
 @dataclass
@@ -94,6 +112,7 @@ class FolderRunResult:
     csv_path: Optional[Path] = None
     run_json_path: Optional[Path] = None
     interrupted: bool = False
+    scan: Any = None                   # the listing's ScanReport (items.scan): every entry seen, used or skipped
 
     @property
     def exit_code(self) -> int:
@@ -107,12 +126,14 @@ class FolderRunResult:
                  + (f"; {self.n_failed} failed" if self.n_failed else "")
                  + (" [interrupted]" if self.interrupted else "")
                  + (f" in {self.seconds:.1f} s" if self.seconds else "")]
+        if self.scan is not None:
+            lines.append(f"inputs: {printable(self.scan.describe())}")
         for f in self.failed[:max_listed]:
-            lines.append(f"  FAILED {f['path']}: {f['error']}")
+            lines.append(f"  FAILED {printable(f['path'])}: {printable(f['error'])}")
         if len(self.failed) > max_listed:
             lines.append(f"  ... and {len(self.failed) - max_listed} more (see the error column of the table)")
         if self.csv_path:
-            lines.append(f"results: {self.csv_path}")
+            lines.append(f"results: {printable(self.csv_path)}")
         return "\n".join(lines)
 
 
@@ -198,6 +219,149 @@ def _repair_torn_tail(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# one writer per output folder; one row per image
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: the lock file inside an output folder (present only while a run holds the folder)
+LOCK_NAME = ".robustness-diag.lock"
+_HELD: dict = {}          # real path of a folder -> [file descriptor, depth]: the locks this process holds
+
+
+def _lock_holder(fd: int) -> str:
+    """What the lock file says about the run holding it (written by :func:`folder_lock`), as text."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or not info.get("pid"):
+        return "another run (pid unknown)"
+    return (f"'{info.get('command') or 'robustness-diag'}' pid {info.get('pid')} on {info.get('host', '?')}"
+            + (f", started {info['started']}" if info.get("started") else ""))
+
+
+def _try_lock(fd: int) -> Optional[bool]:
+    """True: locked; False: another process holds the lock; None: this file system cannot lock files."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: lock a byte far beyond the holder's note
+        import msvcrt
+        try:
+            os.lseek(fd, 1 << 20, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        import errno
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+            return None
+        return False
+
+
+@contextlib.contextmanager
+def folder_lock(folder, command: str = ""):
+    """Holds an exclusive lock on the output folder ``folder`` (created) while the block runs.
+
+    An OS lock (``fcntl.flock``; ``msvcrt.locking`` on Windows) on ``folder/.robustness-diag.lock``, which records the
+    holder's pid, host, command and start time. The operating system releases the lock when the process ends, however
+    it ends, so a killed run never leaves a stale lock; the file itself is removed when the block ends (a leftover file
+    from a killed run is simply locked again). Re-entrant within one process (``sample`` holds it around its own
+    preparation and the loop).
+
+    Raises:
+        FolderLockedError: another process holds the folder; the one-line message names the folder and that run.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    real = os.path.realpath(folder)
+    if real in _HELD:
+        _HELD[real][1] += 1
+        try:
+            yield folder
+        finally:
+            _HELD[real][1] -= 1
+        return
+    path = os.path.join(real, LOCK_NAME)
+    fd = None
+    for _ in range(50):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        locked = _try_lock(fd)
+        if locked is None:  # pragma: no cover - e.g. an old network file system
+            os.close(fd)
+            import warnings
+            warnings.warn(f"{folder}: this file system cannot lock files; nothing stops a second run from writing "
+                          f"into the folder at the same time", RuntimeWarning, stacklevel=3)
+            yield folder
+            return
+        if not locked:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise FolderLockedError(f"{folder} is in use by {holder}; wait for it to finish or use another output "
+                                    f"folder")
+        try:                       # the holder before us may have removed the file between our open and our lock
+            current = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+        fd = None
+    if fd is None:  # pragma: no cover - 50 lost races in a row
+        raise FolderLockedError(f"{folder} is in use by other runs (its lock file {LOCK_NAME} keeps changing)")
+    note = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": _now()}
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(note).encode("utf-8"))
+    _HELD[real] = [fd, 1]
+    try:
+        yield folder
+    finally:
+        del _HELD[real]
+        try:
+            os.unlink(path)        # removed while still locked: the next run creates (and locks) a fresh file
+        except OSError:  # pragma: no cover - Windows: an open file cannot be removed
+            pass
+        os.close(fd)               # releases the lock
+
+
+def final_rows(rows: Sequence[Mapping], table, key_columns: Sequence[str] = ("path",)) -> dict:
+    """The row that counts for each key of a result table, in first-seen order; refuses duplicated results.
+
+    A key may have failed rows (``status`` not ``ok``) before its last row: a failed image retried with
+    ``retry_failed`` and not yet compacted (a crash before the end of the run). Any other repetition means two runs
+    wrote the table at once (or it was edited): when every repeated row is identical to the first in every column but
+    ``seconds`` (the same result written twice) one row is kept (de-duplicated); when they differ the table is
+    refused. Rows without a ``status`` column (``sample_rows.csv``) are all treated as results.
+
+    Raises:
+        DuplicateRowsError: a key with differing repeated rows (the message names the table, the key and the rows).
+    """
+    out: dict = {}
+    where: dict = {}
+    for n, r in enumerate(rows, start=1):
+        k = tuple(r.get(c) for c in key_columns)
+        k = k[0] if len(k) == 1 else k
+        prev = out.get(k)
+        if prev is not None and "status" in prev and prev.get("status") != "ok":
+            out[k], where[k] = r, n                                  # a retried failure: the later row counts
+        elif prev is not None:
+            same = {c: v for c, v in prev.items() if c != "seconds"} == {c: v for c, v in r.items() if c != "seconds"}
+            if not same:
+                raise DuplicateRowsError(
+                    f"{table}: {', '.join(key_columns)} {k!r} has two different result rows (rows {where[k]} and {n}); "
+                    f"two runs wrote this table at once? Keep one row per image, or start a new output folder")
+        else:
+            out[k], where[k] = r, n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -222,14 +386,24 @@ def run_folder(items: Sequence[ImageItem], process: ProcessFn, columns: Sequence
         :class:`FolderRunResult` (``exit_code`` 0 all succeeded, 1 some failed).
 
     Raises:
-        FolderRunError: the table exists and neither ``resume`` nor ``overwrite`` is set, or its columns differ.
+        FolderRunError: the table exists and neither ``resume`` nor ``overwrite`` is set, or its columns differ;
+            :class:`FolderLockedError`: another run holds ``out_dir``; :class:`DuplicateRowsError`: resuming a table
+            with two different rows for one image.
         KeyboardInterrupt: re-raised after run.json is written with ``status: interrupted``.
     """
     clash = [c for c in columns if c in LEADING_COLUMNS + TRAILING_COLUMNS]
     if clash:
         raise ValueError(f"columns {clash} are reserved by the loop")
+    if not cfg.out_dir:
+        return _run_folder(items, process, columns, cfg, extra_info)
+    with folder_lock(cfg.out_dir, cfg.command):
+        return _run_folder(items, process, columns, cfg, extra_info)
+
+
+def _run_folder(items, process, columns, cfg: FolderRunConfig, extra_info) -> FolderRunResult:
+    """:func:`run_folder` once the output folder (if any) is locked."""
     header = list(LEADING_COLUMNS) + list(columns) + list(TRAILING_COLUMNS)
-    result = FolderRunResult(n_inputs=len(items))
+    result = FolderRunResult(n_inputs=len(items), scan=getattr(items, "scan", None))
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     done: dict[str, dict] = {}
     fh = writer = None
@@ -247,8 +421,9 @@ def run_folder(items: Sequence[ImageItem], process: ProcessFn, columns: Sequence
                 if old_header != header:
                     raise FolderRunError(f"{csv_path}: existing table has columns {old_header}, this run writes "
                                          f"{header}; use another output folder or --overwrite")
-                for r in rows:
-                    done[r["path"]] = r
+                done = final_rows(rows, csv_path)
+                if len(done) < len(rows):          # retried failures or identical duplicates: one row per image
+                    _write_rows(csv_path, header, done.values())
             elif cfg.overwrite:
                 csv_path.unlink()
             else:
@@ -291,6 +466,8 @@ def run_folder(items: Sequence[ImageItem], process: ProcessFn, columns: Sequence
                        "pending": max(0, len(items) - ok - len(failed))},
             "failed": failed, "table": cfg.csv_name,
         }
+        if result.scan is not None:        # every entry the listing saw: used, or skipped with the reason
+            info["scan"] = result.scan.to_dict()
         if extra_info is not None:
             try:
                 info.update(dict(extra_info()))
@@ -336,7 +513,7 @@ def run_folder(items: Sequence[ImageItem], process: ProcessFn, columns: Sequence
                 writer.writerow({k: _fmt(row.get(k)) for k in header})
                 fh.flush()
             if row["status"] != "ok":
-                bar.write(f"FAILED {it.key}: {row['error']}", file=sys.stderr)
+                bar.write(f"FAILED {printable(it.key)}: {printable(row['error'])}", file=sys.stderr)
             bar.update(1)
             ok_n, failed_n = counts()
             bar.set_postfix(failed=len(failed_n), refresh=False)
@@ -368,13 +545,17 @@ def _compact(path: Path, header: list) -> None:
         if r["path"] not in last:
             order.append(r["path"])
         last[r["path"]] = r
+    _write_rows(path, header, [last[k] for k in order])
+
+
+def _write_rows(path: Path, header: list, rows) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")
     w.writeheader()
-    for k in order:
-        w.writerow(last[k])
+    w.writerows(rows)
     atomic_write_text(path, buf.getvalue())
 
 
-__all__ = ["FolderRunConfig", "FolderRunResult", "FolderRunError", "run_folder", "read_table", "read_frame",
-           "versions", "DecodedImage", "ImageItem"]
+__all__ = ["FolderRunConfig", "FolderRunResult", "FolderRunError", "FolderLockedError", "DuplicateRowsError",
+           "run_folder", "read_table", "read_frame", "final_rows", "folder_lock", "LOCK_NAME", "versions",
+           "DecodedImage", "ImageItem"]

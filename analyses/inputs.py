@@ -6,8 +6,8 @@ r"""What the folder commands (``fit``, ``score``, ``sample``) share about their 
   flow's scale: bicubic with anti-aliasing, :func:`robustness_diag.data.photos.downscale`);
 * :func:`config_record`: a command's configuration as recorded in ``run.json`` (callables left out);
 * :func:`setup_errors`: the exception types that mean "usage or setup error" (exit code 2, nothing processed);
-* :func:`flat_name`: the output-file stem of an image key (``maps/<name>.*``), shared by ``score``, ``sample`` and
-  ``correlate`` (which pairs their maps by it).
+* :func:`flat_name` / :func:`name_key`: the output-file stem of an image key (``maps/<name>.*``,
+  ``samples/<name>.*``) and back, shared by ``score``, ``sample`` and ``correlate`` (which pairs their maps by it).
 """
 from __future__ import annotations
 
@@ -42,14 +42,19 @@ class InputOptions:
 def list_inputs(inp: InputOptions) -> list:
     """The :class:`robustness_diag.data.images.ImageItem` list of ``inp``, in processing order.
 
+    The list is an :class:`robustness_diag.data.images.ImageList`: its ``.scan`` accounts for every entry the
+    listing saw (used, or skipped with the reason); :func:`robustness_diag.analyses.folder_run.run_folder` puts it in
+    its summary and in run.json.
+
     Raises:
-        ValueError: no image file matched (a setup error).
+        ValueError: no image file matched (a setup error); the message says what was seen and why it was skipped.
         ImageListError: a folder or list file cannot be read.
     """
     from robustness_diag.data.images import list_images
     items = list_images(inp.images, include=inp.include, exclude=inp.exclude, recursive=inp.recursive)
     if not items:
-        raise ValueError(f"no image files found in {', '.join(map(str, inp.images))}")
+        raise ValueError(f"no image files found in {', '.join(map(str, inp.images))} "
+                         f"({items.scan.describe()})")
     return items
 
 
@@ -104,12 +109,63 @@ def to_lr(decoded, from_hr: bool, scale: int, min_size: int):
     return img[None], (H * scale, W * scale)
 
 
+#: characters escaped in output names besides ``%`` itself: path separators, characters that Windows or shells
+#: refuse or misread in file names, and ``~`` (it separates the digest)
+_UNSAFE = set('/\\:*?"<>|~')
+#: longest escaped key kept in a name (UTF-8 bytes); longer keys are cut and marked, the longer digest identifies them
+MAX_NAME_BYTES = 150
+_CUT = "%_"          # marks a cut name: "%" followed by a non-hex character never occurs in an escaped key
+
+
+def _key_digest(key: str, n: int) -> str:
+    import hashlib
+    return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:n]
+
+
 def flat_name(key: str) -> str:
-    """The output-file stem of an image key: the key without its extension, folders joined by ``__``
-    (``"sub/a.png"`` -> ``"sub__a"``); ``"image"`` for an empty key."""
-    stem = key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
-    return stem.replace("\\", "/").strip("/").replace("/", "__").replace(":", "_") or "image"
+    """The output-file stem of an image key: collision-free, reversible, the same on every platform.
+
+    ``<escaped key>~<digest>``: the whole key, extension and folders included, percent-encoded (``%``, ``/``, ``\\``,
+    ``:``, ``*``, ``?``, ``"``, ``<``, ``>``, ``|``, ``~``, control characters and a leading ``.``; bytes a key could
+    not decode from the file system as their own ``%XX``), then ``~`` and the first 8 hex digits of the SHA-1 of the
+    key (``"sub/a.png"`` -> ``"sub%2Fa.png~<8 hex>"``). Two different keys never share a stem: the escaped part is
+    one-to-one, and the digest keeps stems that differ only in letter case (or Unicode normalisation) apart on file
+    systems that do not tell those apart. A key whose escaped form is longer than :data:`MAX_NAME_BYTES` is cut there,
+    marked with ``%_``, and gets a 16-digit digest (such names are not reversible; the identity recorded inside the
+    files and the digest tell them apart). :func:`name_key` reverses a stem.
+    """
+    out = []
+    for i, c in enumerate(key):
+        o = ord(c)
+        if 0xDC80 <= o <= 0xDCFF:                        # an undecodable file-system byte (surrogateescape)
+            out.append(f"%{o - 0xDC00:02X}")
+        elif c == "%" or c in _UNSAFE or o < 0x20 or o == 0x7F or (i == 0 and c == "."):
+            out.append("".join(f"%{b:02X}" for b in c.encode("utf-8")))
+        else:
+            out.append(c)
+    escaped = "".join(out)
+    if len(escaped.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES:
+        return f"{escaped}~{_key_digest(key, 8)}"
+    cut, size = [], 0
+    for piece in out:                                    # cut between escapes and whole characters only
+        size += len(piece.encode("utf-8", "surrogatepass"))
+        if size > MAX_NAME_BYTES:
+            break
+        cut.append(piece)
+    return f"{''.join(cut)}{_CUT}~{_key_digest(key, 16)}"
+
+
+def name_key(name: str) -> Optional[str]:
+    """The image key of an output stem written by :func:`flat_name` (a file name's part before its first
+    ``.<suffix>`` after the digest is not needed: pass the stem). None when ``name`` is not such a stem, when it was
+    cut (too long to reverse), or when its digest does not match the decoded key."""
+    from urllib.parse import unquote
+    escaped, sep, digest = name.rpartition("~")
+    if not sep or len(digest) != 8 or _CUT in escaped:
+        return None
+    key = unquote(escaped, encoding="utf-8", errors="surrogateescape")
+    return key if flat_name(key) == name else None
 
 
 __all__ = ["DEFAULT_MIN_SIZE", "InputOptions", "list_inputs", "decoder", "setup_errors", "config_record", "to_lr",
-           "flat_name"]
+           "flat_name", "name_key", "MAX_NAME_BYTES"]

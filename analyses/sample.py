@@ -10,11 +10,18 @@ is not changed by the tracing). Outputs in ``out_dir``:
   inverse slope, first exploding layer (index and name), explosion-map max;
 * with ``save_maps``: ``maps/<name>.npz`` (``artifact_mask`` bool [S, H, W], ``nan_mask``, ``explosion`` float32
   [S, H, W] in nats, ``attribution`` int16 [S, H, W] (-1 none), ``events_lr`` [h, w]: in how many samples any HR pixel
-  of an LR cell was an artifact) and PNG overlays of the artifact frequency and of the explosion map;
-* with ``save_samples``: ``samples/<name>.sNN.png`` (clamped to [0, 1] for viewing);
+  of an LR cell was an artifact, ``source``: the image key, which ``correlate`` checks) and PNG overlays of the
+  artifact frequency and of the explosion map (``<name>.artifacts.png``, ``<name>.explosion.png``);
+* with ``save_samples``: ``samples/<name>.sNN.png`` (clamped to [0, 1] for viewing; the image key in the PNG's
+  ``source`` text chunk);
+* ``<name>`` is :func:`.inputs.flat_name` of the image key: the whole key (extension and folders included),
+  percent-escaped, plus a digest (``sub/a.png`` -> ``sub%2Fa.png~<8 hex>``), so no two inputs share an output file;
 * ``run.json``: config, versions, the checkpoint's weights digest (``correlate`` pairs runs by it), timing, failures.
 
 Sampling seeds are per image (``seed`` and the file key), so results do not depend on the order or on resuming.
+The output folder is locked while a run writes into it (:func:`.folder_run.folder_lock`): a second run into it is
+refused (exit code 2). Resuming refuses a ``sample_rows.csv`` with two different rows for one image and sample, and
+keeps one of identical ones (:func:`.folder_run.final_rows`).
 Odd LR sizes are padded (replicate) to what the flow's squeezes need and the outputs cropped back.
 """
 from __future__ import annotations
@@ -31,7 +38,8 @@ from robustness_diag.devices import DEFAULT_DEVICE
 from robustness_diag.exit_codes import EXIT_OK, EXIT_USAGE
 from robustness_diag.io import atomic_write, atomic_write_text
 
-from .folder_run import FolderRunConfig, FolderRunError, FolderRunResult, read_table, run_folder
+from .folder_run import (FolderRunConfig, FolderRunError, FolderRunResult, final_rows, folder_lock, read_table,
+                         run_folder)
 from .inputs import InputOptions, config_record, decoder, flat_name, list_inputs, setup_errors, to_lr
 
 DETAIL_COLUMNS = ["path", "sample", "artifact_pixels", "artifact_fraction", "nan_pixels", "inf_pixels",
@@ -84,13 +92,15 @@ def image_seed(seed: int, key: str) -> int:
 
 
 def _detail_keep_ok(detail: Path, table: Path) -> None:
-    """On resume: drop per-sample rows of images whose per-image row is missing or failed (a crash in between)."""
+    """On resume: drop per-sample rows of images whose per-image row is missing or failed (a crash in between) and a
+    torn last line; one row per image and sample (identical repeats kept once, differing ones refused:
+    :func:`.folder_run.final_rows`, :class:`.folder_run.DuplicateRowsError`)."""
     if not detail.is_file() or not table.is_file():
         return
     _, rows = read_table(table)
-    ok = {r["path"] for r in rows if r.get("status") == "ok"}
-    with open(detail, newline="", encoding="utf-8") as f:
-        kept = [r for r in csv.DictReader(f) if r.get("path") in ok]
+    ok = {k for k, r in final_rows(rows, table).items() if r.get("status") == "ok"}
+    _, detail_rows = read_table(detail)
+    kept = list(final_rows([r for r in detail_rows if r.get("path") in ok], detail, ("path", "sample")).values())
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=DETAIL_COLUMNS)
     w.writeheader()
@@ -129,10 +139,6 @@ def run(config: SampleConfig) -> SampleResult:
     heat = float(cfg.heat if cfg.heat is not None else flow.config.heat)
     align = max(1, 2 ** int(flow.config.L) // scale)
     detail_path = out_dir / "sample_rows.csv"
-    if cfg.resume:
-        _detail_keep_ok(detail_path, out_dir / "samples.csv")
-    elif cfg.overwrite and detail_path.exists():
-        detail_path.unlink()
     columns = ["width", "height", "lr_width", "lr_height", "samples", "heat", "samples_with_artifacts",
                "artifact_fraction_mean", "nan_pixels", "max_inverse_slope", "first_exploding_layer",
                "explosion_map_max"]
@@ -159,13 +165,6 @@ def run(config: SampleConfig) -> SampleResult:
             r["artifact_fraction"] = float(mask[n].float().mean())
             r["nan_pixels"] = int(nan[n].sum())
             r["inf_pixels"] = int(tr.inf_mask[n, :h * scale, :w * scale].sum())
-        new = not detail_path.exists() or detail_path.stat().st_size == 0
-        with open(detail_path, "a", newline="", encoding="utf-8") as f:
-            wr = csv.DictWriter(f, fieldnames=DETAIL_COLUMNS, extrasaction="ignore")
-            if new:
-                wr.writeheader()
-            for r in rows:
-                wr.writerow({**r, "path": item.key})
         name = flat_name(item.key)
         events = events_per_cell(mask, (h, w))[0]                                              # [h, w]
         if cfg.save_maps:
@@ -174,7 +173,8 @@ def run(config: SampleConfig) -> SampleResult:
             arrays = dict(artifact_mask=mask.numpy(), nan_mask=nan.numpy(),
                           explosion=tr.explosion_map[:, :h * scale, :w * scale].float().numpy(),
                           attribution=tr.attribution[:, :h * scale, :w * scale].to(torch.int16).numpy(),
-                          events_lr=events.numpy().astype(np.int16), samples=np.array(cfg.samples))
+                          events_lr=events.numpy().astype(np.int16), samples=np.array(cfg.samples),
+                          source=np.array(item.key))
             atomic_write(maps / f"{name}.npz", lambda tmp: _savez(tmp, arrays))
             if cfg.overlay_writer is not None:
                 base = decoded.image if inp.from_hr else torch.nn.functional.interpolate(
@@ -185,13 +185,23 @@ def run(config: SampleConfig) -> SampleResult:
                                    vmax=float(ex.max()) if float(ex.max()) > float(ex.min()) else float(ex.min()) + 1)
         if cfg.save_samples:
             from PIL import Image
+            from PIL.PngImagePlugin import PngInfo
+            info = PngInfo()
+            info.add_itxt("source", item.key.encode("utf-8", "backslashreplace").decode("utf-8"))   # whose sample
             sdir = out_dir / "samples"
             sdir.mkdir(parents=True, exist_ok=True)
             for s in range(cfg.samples):
                 img = torch.nan_to_num(tr.image[s, :, :h * scale, :w * scale], nan=1.0).clamp(0, 1)
                 arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                 atomic_write(sdir / f"{name}.s{s:02d}.png",
-                             lambda tmp, a=arr: Image.fromarray(a).save(tmp, format="PNG"))
+                             lambda tmp, a=arr: Image.fromarray(a).save(tmp, format="PNG", pnginfo=info))
+        new = not detail_path.exists() or detail_path.stat().st_size == 0
+        with open(detail_path, "a", newline="", encoding="utf-8") as f:
+            wr = csv.DictWriter(f, fieldnames=DETAIL_COLUMNS, extrasaction="ignore")
+            if new:
+                wr.writeheader()
+            for r in rows:
+                wr.writerow({**r, "path": item.key})
         timing["write_seconds"] += time.perf_counter() - t
         slopes = [r["max_log_inverse_slope"] for r in rows if r["max_log_inverse_slope"] == r["max_log_inverse_slope"]]
         first = [r["first_exploding_layer_name"] for r in rows if r["first_exploding_layer"] >= 0]
@@ -211,12 +221,17 @@ def run(config: SampleConfig) -> SampleResult:
                 "phase_timing": {k: round(v, 3) for k, v in timing.items()}}
 
     try:
-        res = run_folder(items, work, columns,
-                         FolderRunConfig(out_dir=str(out_dir), csv_name="samples.csv", resume=cfg.resume,
-                                         retry_failed=cfg.retry_failed, overwrite=cfg.overwrite,
-                                         progress=cfg.progress, command="sample", config=config_record(cfg),
-                                         decode=decoder(inp)),
-                         extra_info=extra)
+        with folder_lock(out_dir, "sample"):          # held from the preparation of sample_rows.csv to the end
+            if cfg.resume:
+                _detail_keep_ok(detail_path, out_dir / "samples.csv")
+            elif cfg.overwrite and detail_path.exists():
+                detail_path.unlink()
+            res = run_folder(items, work, columns,
+                             FolderRunConfig(out_dir=str(out_dir), csv_name="samples.csv", resume=cfg.resume,
+                                             retry_failed=cfg.retry_failed, overwrite=cfg.overwrite,
+                                             progress=cfg.progress, command="sample", config=config_record(cfg),
+                                             decode=decoder(inp)),
+                             extra_info=extra)
     except FolderRunError as e:
         return SampleResult(exit_code=EXIT_USAGE, error=str(e))
     return SampleResult(exit_code=res.exit_code, run=res, out_dir=out_dir)

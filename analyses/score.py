@@ -3,7 +3,11 @@ r"""The score pipeline over image folders: ``run(ScoreConfig) -> ScoreResult``.
 Per image: per-position Mahalanobis distance maps at the feature grid (distance, not squared), image aggregates
 (mean, p95, p99, max, fraction above the threshold) as one CSV row of ``scores.csv`` appended as produced
 (:mod:`.folder_run`), and optionally the maps as ``maps/<name>.<level>.npy`` (float32 ``[h, w]`` at the feature grid)
-plus colour-mapped overlays at HR size; ``run.json`` records config, versions and timing.
+plus colour-mapped overlays at HR size (``maps/<name>.<level>.png``); ``run.json`` records config, versions and
+timing. ``<name>`` is :func:`.inputs.flat_name` of the image key: the whole key (extension and folders included),
+percent-escaped, plus a digest of it (``sub/a.png`` -> ``sub%2Fa.png~<8 hex>``), so no two inputs share a map file
+and :func:`.inputs.name_key` gives the key back. The output folder is locked while the run writes into it
+(:func:`.folder_run.folder_lock`): a second run into it is refused (exit code 2).
 
 Inputs are LR images as they are, or HR images downscaled by the flow's scale (``from_hr``; None: as the statistics
 were fitted; :func:`.inputs.to_lr`). Setup problems (missing checkpoint, unreadable statistics, statistics of another
@@ -31,7 +35,8 @@ class ScoreConfig:
 
     Attributes:
         checkpoint, stats, out_dir: the flow, the statistics file, the output folder.
-        save_maps: write ``maps/<key>.<level>.npy`` (feature grid) and ``maps/<key>.<level>.png`` overlays (HR size).
+        save_maps: write ``maps/<name>.<level>.npy`` (feature grid) and ``maps/<name>.<level>.png`` overlays (HR
+            size); ``<name>`` is :func:`.inputs.flat_name` of the image key.
         threshold: per-position threshold for ``frac_above`` (None: the statistics' default per level).
         levels: score a subset of the fitted levels (None: all; the first is the primary one, unprefixed columns).
         map_range: colour scale of overlays (None: median in-distribution distance to twice the threshold).
@@ -89,6 +94,7 @@ def run(config: ScoreConfig) -> ScoreResult:
     from robustness_diag.io import atomic_write
     from robustness_diag.ood import AGGREGATES, FeatureOptions, MahalanobisScorer, aggregate, chi_quantile, \
         extractor_for, upsample_map
+    from robustness_diag.ood import NonFiniteStatisticsError, nonfinite_score_reason
 
     cfg = config
     timing = {"load_seconds": 0.0, "score_seconds": 0.0, "maps_seconds": 0.0}
@@ -152,6 +158,9 @@ def run(config: ScoreConfig) -> ScoreResult:
         nonfinite = 0
         for i, lv in enumerate(levels):
             agg = aggregate(maps[lv], thresholds[lv])
+            reason = nonfinite_score_reason(lv, agg, maps[lv], lr, flow)
+            if reason:                          # a NaN/Inf image score is this file's failure, not an ok row
+                raise NonFiniteStatisticsError(reason)
             nonfinite += int((~torch.isfinite(maps[lv])).sum())
             row.update(agg if i == 0 else {f"{lv}_{a}": v for a, v in agg.items()})
         row["nonfinite"] = nonfinite

@@ -12,7 +12,7 @@ import robustness_diag as rd
 from robustness_diag.analyses.folder_run import read_table
 from robustness_diag.analyses import fit, score
 from robustness_diag.analyses.fit import FitConfig
-from robustness_diag.analyses.inputs import InputOptions
+from robustness_diag.analyses.inputs import InputOptions, flat_name
 from robustness_diag.analyses.score import ScoreConfig
 from robustness_diag.ood import MahalanobisScorer
 from tests.ood.helpers import one_thread, smooth_rgb, tiny_flow, write_png  # noqa: F401  (fixture)
@@ -119,10 +119,10 @@ def test_fit_then_score_with_bad_inputs(tmp_path, ckpt):
         if status == "ok":
             assert float(r["mean"]) > 0 and float(r["max"]) >= float(r["p99"]) >= float(r["p95"])
             assert 0 <= float(r["frac_above"]) <= 1 and r["level"] == "fea_up1"
-            m = np.load(out / "maps" / f"{name.rsplit('.', 1)[0]}.fea_up1.npy")
+            m = np.load(out / "maps" / f"{flat_name(name)}.fea_up1.npy")
             assert m.shape == (int(r["lr_height"]), int(r["lr_width"]))
             assert float(r["mean"]) == pytest.approx(float(m.mean()), rel=1e-5)
-            png = Image.open(out / "maps" / f"{name.rsplit('.', 1)[0]}.fea_up1.png")
+            png = Image.open(out / "maps" / f"{flat_name(name)}.fea_up1.png")
             assert png.size[0] == 4 * int(r["lr_width"]) and png.size[1] > 4 * int(r["lr_height"])  # + colour bar
     assert by["wide_tiled.png"]["lr_width"] == "150"
     failed = {f["path"] for f in res.run.failed}
@@ -133,7 +133,7 @@ def test_fit_then_score_with_bad_inputs(tmp_path, ckpt):
     assert info["status"] == "finished" and info["counts"]["ok"] == 4 and info["counts"]["failed"] == 5
     assert info["checkpoint"]["weights_digest"] == sc.meta["checkpoint_digest"]
     assert info["scoring"]["features"]["tile"] == 64 and info["statistics"]["shrinkage"] == "ledoit_wolf"
-    assert {c[0] for c in calls} == {f"{k.rsplit('.', 1)[0]}.fea_up1.png" for k, v in EXPECTED.items()
+    assert {c[0] for c in calls} == {f"{flat_name(k)}.fea_up1.png" for k, v in EXPECTED.items()
                                      if v[0] == "ok"}
 
     # resume: nothing left to do, same table

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from robustness_diag.analyses.inputs import flat_name
 from robustness_diag.cli.main import main
 from robustness_diag.data.lowlight import darken
 from robustness_diag.data.photos import TRAIN_PHOTOS, VALIDATION_PHOTOS, load_photo, random_crops
@@ -46,7 +47,8 @@ def test_lowlight_folder_is_scored_and_sampled(setup):
     assert rows["broken.png"]["status"] == "error" and "not a recognised image" in rows["broken.png"]["error"]
     assert all(rows[k]["status"] == "ok" and rows[k]["level"] == "fea_up2" for k in ("dark0.png", "odd.png"))
     assert float(rows["bright.png"]["mean"]) > float(rows["dark0.png"]["mean"])
-    assert np.load(root / "score" / "maps" / "odd.fea_up2.npy").shape == (31, 23)    # ceil(61/2) x ceil(45/2)
+    odd_map = root / "score" / "maps" / f"{flat_name('odd.png')}.fea_up2.npy"
+    assert np.load(odd_map).shape == (31, 23)    # ceil(61/2) x ceil(45/2)
 
     rc = main(["sample", str(ckpt), "--images", str(root / "test"), "--out", str(root / "samp"), "--samples", "2",
                "--save-maps", "--no-progress"])
@@ -55,7 +57,7 @@ def test_lowlight_folder_is_scored_and_sampled(setup):
     assert rows["broken.png"]["status"] == "error"
     assert rows["odd.png"]["status"] == "ok" and int(rows["odd.png"]["samples"]) == 2
     assert float(rows["odd.png"]["heat"]) == 0.0                       # the checkpoint's own heat (LLFlow: 0)
-    z = np.load(root / "samp" / "maps" / "odd.npz")
+    z = np.load(root / "samp" / "maps" / f"{flat_name('odd.png')}.npz")
     assert z["artifact_mask"].shape == (2, 61, 45)                       # scale 1: the input's own size
     assert np.isfinite(z["explosion"]).all()
 
@@ -91,5 +93,5 @@ def test_hcflow_checkpoint_is_fitted_and_scored(tmp_path):
                  "--save-maps", "--no-progress"]) == 0
     rows = _rows(tmp_path / "sc" / "scores.csv")
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
-    assert np.load(tmp_path / "sc" / "maps" / "lr0.level0_condFlow.npy").shape == (40, 40)   # HR/2
-    assert np.load(tmp_path / "sc" / "maps" / "lr0.level1_condFlow.npy").shape == (20, 20)   # LR
+    assert np.load(tmp_path / "sc" / "maps" / f"{flat_name('lr0.png')}.level0_condFlow.npy").shape == (40, 40)   # HR/2
+    assert np.load(tmp_path / "sc" / "maps" / f"{flat_name('lr0.png')}.level1_condFlow.npy").shape == (20, 20)   # LR

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from robustness_diag.analyses.inputs import flat_name
 from robustness_diag.cli.main import main
 from robustness_diag.data import degradations as deg
 from robustness_diag.data.photos import TRAIN_PHOTOS, VALIDATION_PHOTOS, downscale, load_photo, random_crops
@@ -47,11 +48,13 @@ def test_sample_writes_rows_maps_and_reports_bad_files(folders):
     assert len(detail) == 3 * 5 and {d["sample"] for d in detail} == {"0", "1", "2"}
     assert int(rows["clean0.png"]["samples_with_artifacts"]) == 0
     assert int(rows["noise0.png"]["samples_with_artifacts"]) + int(rows["noise1.png"]["samples_with_artifacts"]) > 0
-    z = np.load(out / "maps" / "odd.npz")
+    z = np.load(out / "maps" / f"{flat_name('odd.png')}.npz")
     assert z["artifact_mask"].shape == (3, 52, 44) and z["events_lr"].shape == (13, 11)   # cropped back
-    noisy = np.load(out / "maps" / "noise0.npz")
+    noisy = np.load(out / "maps" / f"{flat_name('noise0.png')}.npz")
     assert noisy["events_lr"].max() <= 3 and noisy["artifact_mask"].dtype == bool
-    assert (out / "maps" / "noise0.explosion.png").is_file() and (out / "samples" / "clean0.s02.png").is_file()
+    assert str(noisy["source"]) == "noise0.png"                      # the image recorded in its maps
+    assert (out / "maps" / f"{flat_name('noise0.png')}.explosion.png").is_file()
+    assert (out / "samples" / f"{flat_name('clean0.png')}.s02.png").is_file()
     info = json.loads((out / "run.json").read_text())
     assert info["checkpoint"]["weights_digest"] and info["counts"]
     # resume: nothing redone; per-image seeds make a fresh run identical

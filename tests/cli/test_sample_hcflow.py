@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from robustness_diag.analyses.inputs import flat_name
 from robustness_diag.cli.main import main
 from robustness_diag.flows.hcflow import MAX_LOG_SCALE
 from tests.cli.helpers import read_rows as _rows
@@ -40,12 +41,12 @@ def test_sample_command_on_hcflow_writes_rows_and_finite_maps(setup):
         assert (int(r["lr_height"]), int(r["lr_width"]), int(r["samples"])) == (h, w, 2)
         assert 1.0 / 1.65 < float(r["max_inverse_slope"]) < 1.65               # the atan coupling bound
         assert np.isfinite(float(r["explosion_map_max"])) and 0.0 <= float(r["artifact_fraction_mean"]) <= 1.0
-        z = np.load(out / "maps" / f"{name[:-4]}.npz")
+        z = np.load(out / "maps" / f"{flat_name(name)}.npz")
         assert z["artifact_mask"].shape == (2, 4 * h, 4 * w) and z["explosion"].shape == (2, 4 * h, 4 * w)
         assert np.isfinite(z["explosion"]).all() and z["events_lr"].shape == (h, w)
         assert (z["attribution"] >= -1).all() and int(z["artifact_mask"].sum()) == sum(
             int(d["artifact_pixels"]) for d in _rows(out / "sample_rows.csv") if d["path"] == name)
-        assert (out / "samples" / f"{name[:-4]}.s01.png").is_file()
+        assert (out / "samples" / f"{flat_name(name)}.s01.png").is_file()
     detail = _rows(out / "sample_rows.csv")
     assert len(detail) == 2 * len(SIZES) and {d["sample"] for d in detail} == {"0", "1"}
     for d in detail:

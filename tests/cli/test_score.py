@@ -10,6 +10,7 @@ import pytest
 
 import robustness_diag as rd
 from robustness_diag.analyses.folder_run import read_table
+from robustness_diag.analyses.inputs import flat_name
 from robustness_diag.cli.main import main
 from tests.ood.helpers import one_thread, smooth_rgb, tiny_flow, write_png  # noqa: F401  (fixture)
 
@@ -41,11 +42,12 @@ def test_score_writes_table_maps_and_run_json(fitted, tmp_path, capsys):
     assert code == 0, text
     assert "2 of 2 images scored" in text
     assert sorted(p.name for p in out.iterdir()) == ["maps", "run.json", "scores.csv"]
-    assert sorted(p.name for p in (out / "maps").iterdir()) == ["b.fea_up1.npy", "b.fea_up1.png",
-                                                                "sub__a.fea_up1.npy", "sub__a.fea_up1.png"]
+    a, b = flat_name("sub/a.png"), flat_name("b.png")          # the whole key, escaped, plus a digest
+    assert sorted(p.name for p in (out / "maps").iterdir()) == sorted([f"{b}.fea_up1.npy", f"{b}.fea_up1.png",
+                                                                       f"{a}.fea_up1.npy", f"{a}.fea_up1.png"])
     _, rows = read_table(out / "scores.csv")
     assert [r["path"] for r in rows] == ["b.png", "sub/a.png"]
-    m = np.load(out / "maps" / "sub__a.fea_up1.npy")
+    m = np.load(out / "maps" / f"{a}.fea_up1.npy")
     assert m.shape == (12, 14) and float(rows[1]["frac_above"]) == pytest.approx(float((m > 3.5).mean()))
     assert "16-bit" in rows[0]["notes"] and rows[0]["threshold"] == "3.5"
     info = json.loads((out / "run.json").read_text())

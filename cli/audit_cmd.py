@@ -6,15 +6,22 @@ search for the LR input that makes the inverse explode, and a verdict (robust / 
 recommended OOD-score threshold for gating inputs - all in OUT/report.html (+ audit.json, metrics.json, CSVs).
 
 Without CKPT it audits the two bundled 4X flows (affine and RQ-spline couplings) side by side.
-Running again with the same --out resumes a half-finished audit (--restart starts over).
+Running again with the same --out resumes a half-finished audit: its cache is keyed by every setting the results
+depend on (checkpoint digest, budget, heat, seed, device, ...), so a changed setting recomputes what it changes;
+--overwrite (or --restart) starts over.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from robustness_diag.devices import DEFAULT_DEVICE, DEVICE_HELP
-from robustness_diag.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from robustness_diag.exit_codes import EXIT_FAILED, EXIT_OK
+from robustness_diag.text import printable
+
+from . import options as opt
+from .outputs import check_folder
 
 
 def add_parser(sub) -> None:
@@ -26,7 +33,9 @@ def add_parser(sub) -> None:
                "  robustness-diag audit SRFlow_DF2K_4X.pth --config SRFlow_DF2K_4X.yml --images div2k_lr/ "
                "--out runs/audit_srflow\n"
                "  robustness-diag audit model.pth --budget thorough --device cuda\n"
-               "exit code: 0 all audited and none failing, 1 some checkpoint failing or not auditable, 2 usage")
+               "exit codes: 0 all audited and none failing, 1 some checkpoint failing or not auditable (unreadable, "
+               "unknown layout; each named with its reason, the others audited), 2 usage or setup error (bad "
+               "option, missing file or folder, unwritable --out; nothing audited)")
     p.add_argument("checkpoints", nargs="*", metavar="CKPT",
                    help="checkpoints (.pth, .safetensors or bundled:<name>); none = both bundled flows")
     p.add_argument("--config", help="original YAML of the checkpoint(s) (overrides defaulted settings)")
@@ -35,15 +44,21 @@ def add_parser(sub) -> None:
     p.add_argument("--from-hr", action="store_true", help="--images are HR: downscale them by the flow's scale")
     p.add_argument("--budget", choices=("fast", "standard", "thorough"), default="fast",
                    help="crops, samples, severities and attack steps (default fast: minutes on a laptop CPU)")
-    p.add_argument("--out", default="runs/audit", help="report folder (default runs/audit)")
-    p.add_argument("--heat", type=float, default=None,
-                   help="sampling temperature (default: the checkpoint's own: 0.9 for the bundled and SRFlow flows, "
-                        "0 for LLFlow, whose reference output is deterministic)")
-    p.add_argument("--false-alarm", type=float, default=0.05,
-                   help="false-alarm rate for the recommended OOD-score gate (default 0.05)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
-    p.add_argument("--restart", action="store_true", help="ignore finished work in --out and start over")
+    p.add_argument("--out", default="runs/audit",
+                   help="report folder (created; default runs/audit); existing results there are never replaced "
+                        "silently: the audit resumes them (the default, --resume) unless --overwrite")
+    p.add_argument("--heat", type=opt.non_negative, default=None,
+                   help="sampling temperature (a number >= 0; default: the checkpoint's own: 0.9 for the bundled and "
+                        "SRFlow flows, 0 for LLFlow, whose reference output is deterministic)")
+    p.add_argument("--false-alarm", type=opt.probability, default=0.05,
+                   help="false-alarm rate for the recommended OOD-score gate (in (0, 1); default 0.05)")
+    p.add_argument("--seed", type=opt.seed, default=0, help=f"an integer in [0, {opt.MAX_SEED}] (default 0)")
+    p.add_argument("--device", type=opt.device, default=DEFAULT_DEVICE, help=DEVICE_HELP)
+    r = p.add_mutually_exclusive_group()
+    r.add_argument("--resume", dest="restart", action="store_false", default=False,
+                   help="reuse finished work in --out (the default)")
+    r.add_argument("--overwrite", "--restart", dest="restart", action="store_true",
+                   help="ignore finished work in --out and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=main)
 
@@ -53,31 +68,33 @@ def main(args) -> int:
     from robustness_diag.devices import resolve_device
     from robustness_diag.reports.correlate_report import render
 
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    if not 0 < args.false_alarm < 1:
-        print("error: --false-alarm must be in (0, 1)", file=sys.stderr)
-        return EXIT_USAGE
+    prog = "robustness-diag audit"
+    device = resolve_device(args.device)           # checked while parsing (options.device)
+    missing = [c for c in args.checkpoints if not c.startswith("bundled:") and not Path(c).exists()]
+    if missing:
+        return opt.usage_error(f"{prog}: no such file: {', '.join(printable(m) for m in missing)}")
+    for name, value in (("--config", args.config), ("--images", args.images)):
+        if value is not None and not Path(value).exists():
+            return opt.usage_error(f"{prog}: {name} {printable(value)}: no such file or folder")
+    out_err = check_folder(args.out)
+    if out_err:
+        return opt.usage_error(f"{prog}: {out_err}")
     cfg = AuditConfig(checkpoints=args.checkpoints, config=args.config, images=args.images, from_hr=args.from_hr,
                       budget=args.budget, out=args.out, heat=args.heat, false_alarm=args.false_alarm, seed=args.seed,
                       device=str(device), resume=not args.restart, progress=not args.no_progress)
     res = run(cfg, render=render)
     for m in res.summaries:
-        print(f"{m['name']} ({m['coupling']}): {m['verdict'].upper()}")
+        print(f"{printable(m['name'])} ({m['coupling']}): {m['verdict'].upper()}")
         for r in m["reasons"][:6]:
-            print(f"  - {r}")
+            print(f"  - {printable(r)}")
         thr = m.get("recommended_threshold", {})
         if thr.get("value") is not None:
             print(f"  gate: OOD score >= {thr['value']:.3g} "
                   f"({thr['false_alarm']:.1%} false alarms on the stress suite)")
     for f in res.failures:
-        print(f"{f['checkpoint']}: NOT AUDITED: {f['error']}", file=sys.stderr)
+        print(f"{printable(f['checkpoint'])}: NOT AUDITED: {printable(f['error'])}", file=sys.stderr)
     if res.report:
-        print(f"wrote {res.report}")
-    if res.failures and not res.summaries:
-        return EXIT_USAGE                      # nothing could be audited: unreadable or unknown checkpoints
+        print(f"wrote {printable(res.report)}")
+    # a checkpoint that could not be audited is a failed input (exit 1), as in 'inspect', also when it is the only one
     failing = any(m["verdict"] == "failing" for m in res.summaries)
     return EXIT_FAILED if (res.failures or failing) else EXIT_OK

@@ -8,34 +8,48 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from robustness_diag.exit_codes import EXIT_OK, EXIT_USAGE
+from robustness_diag.exit_codes import EXIT_CODES_HELP, EXIT_OK
+from robustness_diag.text import printable
+
+from . import options as opt
+from .outputs import check_folder, overwrite_help, refuse_existing
+
+#: files whose presence means a folder holds correlate results
+RESULT_FILES = ("metrics.json", "report_data.json", "report.html")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "correlate", help="OOD score vs artifacts: statistics, figures and the HTML report",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
+        epilog=EXIT_CODES_HELP + ".\nexamples:\n"
                "  robustness-diag correlate runs/score_affine runs/sample_affine --out runs/corr\n"
                "  robustness-diag correlate runs/score_* runs/sample_* --out runs/corr   # models side by side\n"
                "  robustness-diag correlate --toy --out runs/toy_corr                   # the 2-D toy, ~40 s")
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
                    help="output folders of 'score' and 'sample' (any order); paired by checkpoint")
-    p.add_argument("--out", required=True, help="report folder (created)")
+    p.add_argument("--out", required=True, help="report folder (created); " + overwrite_help())
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     p.add_argument("--toy", action="store_true", help="run the 2-D toy (both couplings) instead of run folders")
     p.add_argument("--grid", choices=("feature", "hr"), default="feature",
                    help="common grid: 'feature' (an LR-grid cell is an event if any HR pixel of its block is an "
                         "artifact; default) or 'hr' (score map upsampled to HR pixels)")
-    p.add_argument("--bins", type=int, default=10, help="equal-count score bins of the reliability curve")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="image-bootstrap resamples (CIs)")
-    p.add_argument("--false-alarm", type=float, default=0.05,
-                   help="target false-alarm rate for the recommended score threshold (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap (and toy) seed")
+    p.add_argument("--bins", type=opt.positive_int, default=10,
+                   help="equal-count score bins of the reliability curve (an integer >= 1; default 10)")
+    p.add_argument("--bootstrap", type=opt.positive_int, default=1000, metavar="N",
+                   help="image-bootstrap resamples for the confidence intervals (an integer >= 1; default 1000)")
+    p.add_argument("--false-alarm", type=opt.probability, default=0.05,
+                   help="target false-alarm rate for the recommended score threshold (in (0, 1); default 0.05)")
+    p.add_argument("--seed", type=opt.seed, default=0,
+                   help=f"bootstrap (and toy) seed (an integer in [0, {opt.MAX_SEED}]; default 0)")
     p.set_defaults(func=main_correlate)
 
     r = sub.add_parser("report", help="re-render report.html and figures of a correlate/audit folder",
-                       description="Rebuild every figure and report.html from report_data.json in RUN_DIR.")
+                       description="Rebuild every figure and report.html from report_data.json in RUN_DIR (they "
+                                   "are replaced; the results, report_data.json and metrics.json, are only read).",
+                       epilog=EXIT_CODES_HELP + ".")
     r.add_argument("run_dir", metavar="RUN_DIR")
     r.set_defaults(func=main_report)
 
@@ -43,10 +57,13 @@ def add_parser(sub) -> None:
 def main_correlate(args) -> int:
     from robustness_diag.analyses import correlate as C
 
+    prog = "robustness-diag correlate"
     if args.toy == bool(args.run_dirs):
-        print("error: give RUN_DIR folders (from 'score' and 'sample') or --toy, not both or neither",
-              file=sys.stderr)
-        return EXIT_USAGE
+        return opt.usage_error(f"{prog}: error: give RUN_DIR folders (from 'score' and 'sample') or --toy, not both "
+                               f"or neither")
+    out_err = check_folder(args.out) or (None if args.overwrite else refuse_existing(args.out, RESULT_FILES))
+    if out_err:
+        return opt.usage_error(f"{prog}: {out_err}")
     common = dict(out=args.out, n_bins=args.bins, n_resamples=args.bootstrap, false_alarm=args.false_alarm,
                   seed=args.seed)
     if args.toy:
@@ -58,27 +75,33 @@ def main_correlate(args) -> int:
 
     res = C.run(cfg, render=rerender)
     if res.error:
-        print(f"error: {res.error}", file=sys.stderr)
+        print(f"{prog}: error: {printable(res.error)}", file=sys.stderr)
         return res.exit_code
     for name, m in res.metrics.items():
-        print(f"{name}: AUROC {metric_text(m['auroc'])}; AP {metric_text(m['average_precision'])} "
+        print(f"{printable(name)}: AUROC {metric_text(m['auroc'])}; AP {metric_text(m['average_precision'])} "
               f"(prevalence {m['prevalence']['value']:.4f})")
     for name, counts in res.joins.items():
         left = {k: v for k, v in counts.items() if k != "joined" and v}
         if left:
-            print(f"{name}: {counts['joined']} images in both runs; left out: "
+            print(f"{printable(name)}: {counts['joined']} images in both runs; left out: "
                   + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in left.items()))
-    print(f"wrote {res.report}")
+    print(f"wrote {printable(res.report)}")
     return res.exit_code
 
 
 def main_report(args) -> int:
     from robustness_diag.reports.correlate_report import rerender
 
+    prog = "robustness-diag report"
+    if not Path(args.run_dir).is_dir():
+        return opt.usage_error(f"{prog}: RUN_DIR {printable(args.run_dir)}: no such folder")
+    out_err = check_folder(args.run_dir, option="RUN_DIR")
+    if out_err:
+        return opt.usage_error(f"{prog}: {out_err}")
     try:
         path = rerender(args.run_dir)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"wrote {path}")
+    except (OSError, ValueError, KeyError) as e:
+        msg = str(e) if str(args.run_dir) in str(e) else f"{args.run_dir}: {e}"
+        return opt.usage_error(f"{prog}: error: {msg}")
+    print(f"wrote {printable(path)}")
     return EXIT_OK

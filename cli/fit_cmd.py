@@ -12,6 +12,10 @@ from pathlib import Path
 
 from robustness_diag.devices import DEFAULT_DEVICE, DEVICE_HELP
 from robustness_diag.exit_codes import EXIT_USAGE
+from robustness_diag.text import printable
+
+from . import options as opt
+from .outputs import check_file, overwrite_help
 
 
 def add_image_arguments(p: argparse.ArgumentParser, *, score: bool) -> None:
@@ -30,10 +34,10 @@ def add_image_arguments(p: argparse.ArgumentParser, *, score: bool) -> None:
     if score:
         hr.add_argument("--from-lr", dest="from_hr", action="store_false",
                         help="inputs are LR images (default: whatever the statistics were fitted on)")
-    g.add_argument("--max-pixels", type=int, default=50_000_000, metavar="N",
-                   help="refuse files with more pixels than this (default 50,000,000)")
-    g.add_argument("--min-size", type=int, default=8, metavar="PX",
-                   help="refuse images whose LR side is shorter than this (default 8)")
+    g.add_argument("--max-pixels", type=opt.positive_int, default=50_000_000, metavar="N",
+                   help="refuse files with more pixels than this (an integer >= 1; default 50,000,000)")
+    g.add_argument("--min-size", type=opt.positive_int, default=8, metavar="PX",
+                   help="refuse images whose LR side is shorter than this (an integer >= 1; default 8)")
     g.add_argument("--exif-orientation", action="store_true", help="apply EXIF orientation (ignored by default)")
     f = p.add_argument_group("features and tiling")
     if not score:
@@ -44,27 +48,33 @@ def add_image_arguments(p: argparse.ArgumentParser, *, score: bool) -> None:
     else:
         f.add_argument("--level", dest="levels", action="append", metavar="NAME",
                        help="score only these fitted levels (repeatable; default all fitted levels)")
-    f.add_argument("--tile", type=int, default=256, metavar="PX", help="tile size in LR pixels (default 256)")
-    f.add_argument("--margin", type=int, default=None, metavar="PX",
-                   help="tile overlap in LR pixels (default: the receptive field, at most 96)")
-    f.add_argument("--batch", type=int, default=2, metavar="N", help="tiles per forward pass (default 2)")
-    f.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
+    f.add_argument("--tile", type=opt.positive_int, default=256, metavar="PX",
+                   help="tile size in LR pixels (an integer >= 1; default 256)")
+    f.add_argument("--margin", type=opt.non_negative_int, default=None, metavar="PX",
+                   help="tile overlap in LR pixels (an integer >= 0; default: the receptive field, at most 96)")
+    f.add_argument("--batch", type=opt.positive_int, default=2, metavar="N",
+                   help="tiles per forward pass (an integer >= 1; default 2)")
+    f.add_argument("--device", type=opt.device, default=DEFAULT_DEVICE, help=DEVICE_HELP)
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def missing_inputs(paths) -> list:
+    """The ``--images`` entries that do not exist and do not name an image file: a missing folder or file list is a
+    usage error (nothing could say what it held), while a missing image file becomes a failed row of the table and
+    the other inputs are processed."""
+    from robustness_diag.data.images import IMAGE_EXTENSIONS
+    return [p for p in paths if not Path(p).exists() and Path(p).suffix.lower() not in IMAGE_EXTENSIONS]
+
+
 def check_common(args, prog: str) -> str | None:
-    """Returns a usage-error message, or None."""
+    """Returns a one-line usage-error message (controls escaped), or None. Numeric options were checked by their
+    ``type=`` (:mod:`.options`) while parsing."""
     ck = args.checkpoint
     if not ck.startswith("bundled:") and not Path(ck).exists():
-        return f"{prog}: checkpoint not found: {ck}"
-    missing = [p for p in args.images if not Path(p).exists()]
+        return f"{prog}: checkpoint not found: {printable(ck)}"
+    missing = missing_inputs(args.images)
     if missing:
-        return f"{prog}: no such file or folder: {', '.join(missing)}"
-    for name in ("tile", "batch", "min_size", "max_pixels"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            return f"{prog}: --{name.replace('_', '-')} must be at least 1"
-    if args.margin is not None and args.margin < 0:
-        return f"{prog}: --margin must be >= 0"
+        return f"{prog}: no such file or folder: {', '.join(printable(m) for m in missing)}"
     return None
 
 
@@ -89,33 +99,33 @@ def add_parser(sub) -> None:
                "--out stats.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CKPT", help="flow checkpoint (.safetensors, .pth, or bundled:<name>)")
-    p.add_argument("--out", required=True, metavar="FILE", help="statistics file to write (.safetensors)")
+    p.add_argument("--out", required=True, metavar="FILE", help="statistics file to write (.safetensors); "
+                   + overwrite_help())
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_image_arguments(p, score=False)
     s = p.add_argument_group("statistics")
     s.add_argument("--shrinkage", default="oas", choices=["oas", "ledoit-wolf", "ridge", "none"],
                    help="covariance shrinkage (default oas); singular covariances are handled and reported")
-    s.add_argument("--ridge", type=float, default=1e-3, metavar="LAMBDA",
-                   help="for --shrinkage ridge: add LAMBDA * trace(S)/D to the diagonal (default 1e-3)")
-    s.add_argument("--max-condition", type=float, default=1e10, metavar="K",
-                   help="floor eigenvalues at lambda_max/K if the covariance is worse conditioned (default 1e10)")
+    s.add_argument("--ridge", type=opt.non_negative, default=1e-3, metavar="LAMBDA",
+                   help="for --shrinkage ridge: add LAMBDA * trace(S)/D to the diagonal (a number >= 0; default 1e-3)")
+    s.add_argument("--max-condition", type=opt.float_range(1.0, low_open=True), default=1e10, metavar="K",
+                   help="floor eigenvalues at lambda_max/K if the covariance is worse conditioned (a number > 1; "
+                        "default 1e10)")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    err = check_common(args, "robustness-diag fit")
+    err = check_common(args, "robustness-diag fit") or check_file(args.out, overwrite=args.overwrite)
     if err:
-        print(err, file=sys.stderr)
-        return EXIT_USAGE
-    if args.ridge < 0 or args.max_condition <= 1:
-        print("robustness-diag fit: --ridge must be >= 0 and --max-condition > 1", file=sys.stderr)
-        return EXIT_USAGE
+        return opt.usage_error(err if err.startswith("robustness-diag") else f"robustness-diag fit: {err}")
     from robustness_diag.analyses.fit import FitConfig, run
     cfg = FitConfig(checkpoint=args.checkpoint, out=args.out, inputs=input_options(args), levels=args.levels,
                     channels=args.channels, shrinkage=args.shrinkage, ridge=args.ridge,
                     max_condition=args.max_condition, tile=args.tile, margin=args.margin, batch=args.batch,
                     device=args.device, progress=not args.no_progress)
     result = run(cfg)
-    stream = sys.stderr if result.exit_code == EXIT_USAGE else sys.stdout
-    print(result.summary() if result.exit_code != EXIT_USAGE else f"robustness-diag fit: {result.error}",
-          file=stream)
+    if result.exit_code == EXIT_USAGE:
+        print(f"robustness-diag fit: {printable(result.error)}", file=sys.stderr)
+    else:
+        print(result.summary())
     return result.exit_code

@@ -11,6 +11,10 @@ from typing import Optional
 
 from robustness_diag.devices import DEFAULT_DEVICE, DEVICE_HELP
 from robustness_diag.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from robustness_diag.text import printable
+
+from . import options as opt
+from .outputs import check_folder
 
 
 @dataclass
@@ -63,7 +67,7 @@ def write_demo_checkpoints(out_dir) -> list[Path]:
 def run(cfg: InspectConfig) -> InspectResult:
     """Loads and inspects every checkpoint; a file that fails is reported with its reason and the others go on."""
     from robustness_diag.devices import resolve_device
-    from robustness_diag.flows.errors import CheckpointError
+    from robustness_diag.flows.errors import CheckpointError, internal_error
     from robustness_diag.flows.inspect import inspect_flow
     from robustness_diag.flows.loading import load_flow
     device = resolve_device(cfg.device)
@@ -80,6 +84,13 @@ def run(cfg: InspectConfig) -> InspectResult:
                                    "error": str(e)})
             result.exit_code = EXIT_FAILED
             continue
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # last resort: one checkpoint's unforeseen failure is its row, the batch goes on
+            result.reports.append({"path": str(p), "status": "error", "error_type": type(e).__name__,
+                                   "error": f"{p}: {internal_error(e)}"})
+            result.exit_code = EXIT_FAILED
+            continue
         result.reports.append(report)
         if report["status"] == "fail":
             result.exit_code = EXIT_FAILED
@@ -89,7 +100,7 @@ def run(cfg: InspectConfig) -> InspectResult:
 def format_report(r: dict) -> str:
     """Human-readable text for one report."""
     if r.get("status") == "error":
-        return f"{r['path']}\n  ERROR ({r['error_type']}): {r['error']}\n"
+        return f"{printable(r['path'])}\n  ERROR ({r['error_type']}): {printable(r['error'])}\n"
     src = r["sources"]
     tag = lambda k: f" [{src[k]}]" if src.get(k) not in (None, "inferred", "metadata") else ""  # noqa: E731
     if r["family"] == "hcflow":
@@ -101,7 +112,7 @@ def format_report(r: dict) -> str:
                 f"{r['split_after_levels']}")
         cond = f"  conditioner RRDB nf={r['nf']} nb={r['nb']}, stacked blocks {r['stacked_blocks']}{tag('blocks')}"
     lines = [
-        f"{r['path']}",
+        f"{printable(r['path'])}",
         f"  family      {r['family']}  ({r['variant']})",
         f"  coupling    {r['coupling']}   scale {r['scale']}X   L={r['L']}   K per level {r['K_per_level']}" + plan,
         cond,
@@ -151,22 +162,24 @@ def add_parser(sub) -> None:
                                                     "defaulted settings (block indices, S, eps, divide_freq, ...)")
     p.add_argument("--json", action="store_true", help="print the full reports as JSON instead of text")
     p.add_argument("--demo", metavar="DIR", help="also write two reduced demo checkpoints (affine and RQ-spline "
-                                                 "layouts, seeded random weights) into DIR and inspect them")
-    p.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
+                                                 "layouts, seeded random weights; rewritten identically when they "
+                                                 "exist) into DIR and inspect them")
+    p.add_argument("--device", type=opt.device, default=DEFAULT_DEVICE, help=DEVICE_HELP)
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
+    prog = "robustness-diag inspect"
     if not args.checkpoints and not args.demo:
-        print("robustness-diag inspect: give at least one CKPT or --demo DIR (see --help)")
-        return EXIT_USAGE
+        return opt.usage_error(f"{prog}: give at least one CKPT or --demo DIR (see --help)")
     missing = [c for c in args.checkpoints if not c.startswith("bundled:") and not Path(c).exists()]
     if missing:
-        print(f"robustness-diag inspect: no such file: {', '.join(missing)}")
-        return EXIT_USAGE
+        return opt.usage_error(f"{prog}: no such file: {', '.join(printable(m) for m in missing)}")
     if args.config and not Path(args.config).is_file():
-        print(f"robustness-diag inspect: config file not found: {args.config}")
-        return EXIT_USAGE
+        return opt.usage_error(f"{prog}: config file not found: {printable(args.config)}")
+    out_err = check_folder(args.demo, option="--demo") if args.demo else None
+    if out_err:
+        return opt.usage_error(f"{prog}: {out_err}")
     from robustness_diag.devices import resolve_device
     from robustness_diag.io import json_text
     try:
@@ -179,7 +192,7 @@ def main(args) -> int:
         print(json_text(result.reports if len(result.reports) != 1 else result.reports[0]), end="")
     else:
         print("\n".join(format_report(r) for r in result.reports), end="")
-        bad = [r["path"] for r in result.reports if r.get("status") in ("error", "fail")]
+        bad = [printable(r["path"]) for r in result.reports if r.get("status") in ("error", "fail")]
         print(f"{len(result.reports) - len(bad)} of {len(result.reports)} checkpoints inspected"
               + (f"; failed: {', '.join(bad)}" if bad else ""))
     return result.exit_code

@@ -8,17 +8,18 @@ from robustness_diag.exit_codes import EXIT_USAGE
 
 from . import audit_cmd, correlate_cmd, inspect_cmd
 from . import fit_cmd, sample_cmd, score_cmd, toy_cmd
+from .options import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="robustness-diag",
         description="Tell when a conditional normalizing flow (SRFlow, NCSR, robustNF, ...) will betray you: "
                     "inspect checkpoints, score inputs for OOD risk, and detect exploding inverses while sampling.",
         epilog="Run 'robustness-diag COMMAND --help' for the options of a command.")
     from robustness_diag import __version__
     parser.add_argument("--version", action="version", version=f"robustness-diag {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     inspect_cmd.add_parser(sub)
     fit_cmd.add_parser(sub)
     score_cmd.add_parser(sub)

@@ -13,6 +13,11 @@ from pathlib import Path
 
 from robustness_diag.devices import DEFAULT_DEVICE, DEVICE_HELP
 from robustness_diag.exit_codes import EXIT_USAGE
+from robustness_diag.text import printable
+
+from . import options as opt
+from .fit_cmd import missing_inputs
+from .outputs import check_folder, overwrite_help, refuse_existing
 
 
 def add_parser(sub) -> None:
@@ -25,7 +30,8 @@ def add_parser(sub) -> None:
                "  robustness-diag sample bundled:sr4x_affine --images lr/ --out runs/samp --samples 8 --save-maps\n"
                "  robustness-diag sample model.pth --images photos/ --from-hr --out runs/samp --resume")
     p.add_argument("checkpoint", metavar="CKPT", help="flow checkpoint (.safetensors, .pth, or bundled:<name>)")
-    p.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
+    p.add_argument("--out", required=True, metavar="OUTDIR",
+                   help="output folder (created); " + overwrite_help("continue its tables"))
     g = p.add_argument_group("inputs")
     g.add_argument("--images", nargs="+", required=True, metavar="PATH",
                    help="folders (recursive), image files or .txt/.lst file lists; PNG, JPEG, WebP, TIFF, BMP")
@@ -33,20 +39,27 @@ def add_parser(sub) -> None:
     g.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching files (repeatable)")
     g.add_argument("--no-recursive", action="store_true", help="do not search sub-folders")
     g.add_argument("--from-hr", action="store_true", help="inputs are HR: downscale them by the flow's scale")
-    g.add_argument("--max-pixels", type=int, default=50_000_000, metavar="N", help="refuse larger files")
-    g.add_argument("--max-lr-pixels", type=int, default=512 * 512, metavar="N",
-                   help="refuse LR images with more pixels (sampling is not tiled; default 262144)")
-    g.add_argument("--min-size", type=int, default=8, metavar="PX", help="refuse LR sides shorter than this")
+    g.add_argument("--max-pixels", type=opt.positive_int, default=50_000_000, metavar="N",
+                   help="refuse larger files (an integer >= 1; default 50,000,000)")
+    g.add_argument("--max-lr-pixels", type=opt.positive_int, default=512 * 512, metavar="N",
+                   help="refuse LR images with more pixels (sampling is not tiled; an integer >= 1; default 262144)")
+    g.add_argument("--min-size", type=opt.positive_int, default=8, metavar="PX",
+                   help="refuse LR sides shorter than this (an integer >= 1; default 8)")
     g.add_argument("--exif-orientation", action="store_true", help="apply EXIF orientation")
     s = p.add_argument_group("sampling")
-    s.add_argument("--samples", type=int, default=4, metavar="N", help="samples per image (default 4)")
-    s.add_argument("--heat", type=float, default=None,
-                   help="latent std (default: the checkpoint's own: 0.9 for the bundled and SRFlow flows, 0 for "
-                        "LLFlow, whose reference output is deterministic)")
-    s.add_argument("--seed", type=int, default=0, help="base seed; each image's seed also depends on its file key")
-    s.add_argument("--upper", type=float, default=1.5, help="artifact threshold above (default 1.5)")
-    s.add_argument("--lower", type=float, default=-0.5, help="artifact threshold below (default -0.5)")
-    s.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
+    s.add_argument("--samples", type=opt.positive_int, default=4, metavar="N",
+                   help="samples per image (an integer >= 1; default 4)")
+    s.add_argument("--heat", type=opt.non_negative, default=None,
+                   help="latent std (a number >= 0; default: the checkpoint's own: 0.9 for the bundled and SRFlow "
+                        "flows, 0 for LLFlow, whose reference output is deterministic)")
+    s.add_argument("--seed", type=opt.seed, default=0,
+                   help=f"base seed (an integer in [0, {opt.MAX_SEED}]); each image's seed also depends on its "
+                        "file key")
+    s.add_argument("--upper", type=opt.finite_float, default=1.5,
+                   help="artifact threshold above (finite, above --lower; default 1.5)")
+    s.add_argument("--lower", type=opt.finite_float, default=-0.5,
+                   help="artifact threshold below (finite, below --upper; default -0.5)")
+    s.add_argument("--device", type=opt.device, default=DEFAULT_DEVICE, help=DEVICE_HELP)
     o = p.add_argument_group("outputs")
     o.add_argument("--save-maps", action="store_true", help="write maps/ (.npz masks and maps, PNG overlays)")
     o.add_argument("--save-samples", action="store_true", help="write samples/ (PNG, clamped to [0, 1])")
@@ -62,17 +75,21 @@ def main(args) -> int:
     prog = "robustness-diag sample"
     err = None
     if not args.checkpoint.startswith("bundled:") and not Path(args.checkpoint).exists():
-        err = f"{prog}: checkpoint not found: {args.checkpoint}"
-    missing = [p for p in args.images if not Path(p).exists()]
+        err = f"{prog}: checkpoint not found: {printable(args.checkpoint)}"
+    missing = missing_inputs(args.images)
     if not err and missing:
-        err = f"{prog}: no such file or folder: {', '.join(missing)}"
-    if not err and args.samples < 1:
-        err = f"{prog}: --samples must be at least 1"
+        err = f"{prog}: no such file or folder: {', '.join(printable(m) for m in missing)}"
+    if not err:
+        err = opt.check_order(prog, "--lower", args.lower, "--upper", args.upper)
     if not err and args.retry_failed and not args.resume:
         err = f"{prog}: --retry-failed needs --resume"
+    if not err:
+        out_err = check_folder(args.out) or (None if (args.resume or args.overwrite) else
+                                             refuse_existing(args.out, ["samples.csv", "sample_rows.csv"],
+                                                             resume=True))
+        err = f"{prog}: {out_err}" if out_err else None
     if err:
-        print(err, file=sys.stderr)
-        return EXIT_USAGE
+        return opt.usage_error(err)
     from robustness_diag.analyses.sample import SampleConfig, run
     from robustness_diag.analyses.inputs import InputOptions
     from robustness_diag.reports.overlays import save_overlay
@@ -87,7 +104,7 @@ def main(args) -> int:
                        progress=not args.no_progress, overlay_writer=save_overlay)
     result = run(cfg)
     if result.exit_code == EXIT_USAGE:
-        print(f"{prog}: {result.error}", file=sys.stderr)
+        print(f"{prog}: {printable(result.error)}", file=sys.stderr)
     else:
         print(result.summary())
     return result.exit_code

@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 from robustness_diag.exit_codes import EXIT_USAGE
+from robustness_diag.text import printable
 
+from . import options as opt
 from .fit_cmd import add_image_arguments, check_common, input_options
+from .outputs import check_folder, overwrite_help, refuse_existing
 
 
 def add_parser(sub) -> None:
@@ -31,17 +34,19 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CKPT", help="flow checkpoint (.safetensors, .pth, or bundled:<name>)")
     p.add_argument("--stats", required=True, metavar="FILE", help="statistics written by 'robustness-diag fit'")
-    p.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
+    p.add_argument("--out", required=True, metavar="OUTDIR",
+                   help="output folder (created); " + overwrite_help("continue its scores.csv"))
     add_image_arguments(p, score=True)
     o = p.add_argument_group("outputs")
     o.add_argument("--save-maps", action="store_true", help="write maps/ (.npy score maps and PNG overlays)")
-    o.add_argument("--threshold", type=float, default=None, metavar="D",
-                   help="distance threshold of frac_above (default: the statistics' chi 0.99 quantile)")
-    o.add_argument("--map-range", type=float, nargs=2, default=None, metavar=("VMIN", "VMAX"),
-                   help="colour scale of overlays, the same for every image (default: median in-distribution "
-                        "distance to twice the threshold)")
-    o.add_argument("--overlay-max-side", type=int, default=2048, metavar="PX",
-                   help="downsize larger overlay PNGs (default 2048)")
+    o.add_argument("--threshold", type=opt.non_negative, default=None, metavar="D",
+                   help="distance threshold of frac_above (a number >= 0; default: the statistics' chi 0.99 "
+                        "quantile)")
+    o.add_argument("--map-range", type=opt.finite_float, nargs=2, default=None, metavar=("VMIN", "VMAX"),
+                   help="colour scale of overlays, the same for every image (finite, VMIN < VMAX; default: median "
+                        "in-distribution distance to twice the threshold)")
+    o.add_argument("--overlay-max-side", type=opt.positive_int, default=2048, metavar="PX",
+                   help="downsize larger overlay PNGs (an integer >= 1; default 2048)")
     o.add_argument("--float64", action="store_true", help="compute distances in float64")
     r = o.add_mutually_exclusive_group()
     r.add_argument("--resume", action="store_true", help="continue OUTDIR/scores.csv, skipping files already in it")
@@ -51,14 +56,20 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
-    err = check_common(args, "robustness-diag score")
+    prog = "robustness-diag score"
+    err = check_common(args, prog)
     if not err and not Path(args.stats).is_file():
-        err = f"robustness-diag score: statistics file not found: {args.stats}"
+        err = f"{prog}: statistics file not found: {printable(args.stats)}"
+    if not err and args.map_range:
+        err = opt.check_order(prog, "--map-range VMIN", args.map_range[0], "VMAX", args.map_range[1])
     if not err and args.retry_failed and not args.resume:
-        err = "robustness-diag score: --retry-failed needs --resume"
+        err = f"{prog}: --retry-failed needs --resume"
+    if not err:
+        out_err = check_folder(args.out) or (None if (args.resume or args.overwrite)
+                                             else refuse_existing(args.out, ["scores.csv"], resume=True))
+        err = f"{prog}: {out_err}" if out_err else None
     if err:
-        print(err, file=sys.stderr)
-        return EXIT_USAGE
+        return opt.usage_error(err)
     from robustness_diag.analyses.score import ScoreConfig, run
     from robustness_diag.reports.overlays import save_overlay
     cfg = ScoreConfig(checkpoint=args.checkpoint, stats=args.stats, out_dir=args.out, inputs=input_options(args),
@@ -70,7 +81,7 @@ def main(args) -> int:
                       overlay_writer=save_overlay)
     result = run(cfg)
     if result.exit_code == EXIT_USAGE:
-        print(f"robustness-diag score: {result.error}", file=sys.stderr)
+        print(f"{prog}: {printable(result.error)}", file=sys.stderr)
     else:
         print(result.summary())
     return result.exit_code

@@ -50,7 +50,7 @@ def test_fit_exit_1_lists_failed_files(setup, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["fit", "missing.pth", "--images", "IMGS", "--out", "o.safetensors"], "checkpoint not found"),
     (["fit", "CKPT", "--images", "nowhere", "--out", "o.safetensors"], "no such file or folder"),
-    (["fit", "CKPT", "--images", "IMGS", "--out", "o.safetensors", "--tile", "0"], "--tile must be at least 1"),
+    (["fit", "CKPT", "--images", "IMGS", "--out", "o.safetensors", "--tile", "0"], "--tile: must be an integer >= 1"),
     (["fit", "CKPT", "--images", "IMGS", "--out", "o.safetensors", "--channels", "0:99"], "out of range"),
     (["fit", "CKPT", "--images", "IMGS", "--out", "o.safetensors", "--level", "fea_up8"], "fea_up8"),
 ])

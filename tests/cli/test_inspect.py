@@ -75,7 +75,7 @@ def test_4x_weights_with_8x_yaml(ckpt, tmp_path, capsys):
 def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["inspect"]) == 2
     assert main(["inspect", str(tmp_path / "nope.pth")]) == 2
-    assert "no such file" in capsys.readouterr().out
+    assert "no such file" in capsys.readouterr().err
     assert main(["inspect", "--bogus"]) == 2
 
 

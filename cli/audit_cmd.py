@@ -64,7 +64,7 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
-    from robustness_diag.analyses.audit import AuditConfig, run
+    from robustness_diag.analyses.audit import AuditConfig, run, settings_warning
     from robustness_diag.devices import resolve_device
     from robustness_diag.reports.correlate_report import render
 
@@ -85,6 +85,9 @@ def main(args) -> int:
     res = run(cfg, render=render)
     for m in res.summaries:
         print(f"{printable(m['name'])} ({m['coupling']}): {m['verdict'].upper()}")
+        warning = settings_warning(m)
+        if warning:
+            print(f"  ! {printable(warning)}")
         for r in m["reasons"][:6]:
             print(f"  - {printable(r)}")
         thr = m.get("recommended_threshold", {})

@@ -22,10 +22,10 @@ from .config import (BUDGETS, BUNDLED, LARGE_BOUND, NEAR_BOUND, SMALL_BUDGET, Au
                      slug)
 from .measure import ConditionMeasurement, ModelMeasurement, measure_model
 from .pipeline import AuditResult, run
-from .report_data import stress_tables
+from .report_data import settings_warning, stress_tables
 from .scenarios import Scenario, stress_scenarios
 from .verdict import label, verdict
 
 __all__ = ["AuditConfig", "AuditError", "AuditResult", "BUDGETS", "BUNDLED", "ConditionMeasurement", "LARGE_BOUND",
            "ModelMeasurement", "NEAR_BOUND", "SMALL_BUDGET", "Scenario", "budget_of", "label", "measure_model", "run",
-           "slug", "stress_scenarios", "stress_tables", "verdict"]
+           "settings_warning", "slug", "stress_scenarios", "stress_tables", "verdict"]

@@ -66,10 +66,29 @@ def summary(m: ModelMeasurement, verdict: dict, threshold: Optional[dict] = None
     s = {"checkpoint": m.spec, "name": m.name, "coupling": m.coupling, "family": m.family, "heat": m.heat,
          "static": {k: v for k, v in m.static.items() if k != "inspect"},
          "inspect_verdict": m.static["inspect"].get("verdict"), "conditions": [c.summary for c in m.conditions],
-         "adversarial": m.adversarial, **verdict, "ood_fit": m.fit_report}
+         "adversarial": m.adversarial, **verdict, "ood_fit": m.fit_report, "settings": settings(m)}
     if threshold is not None:
         s["recommended_threshold"] = threshold
     return s
+
+
+def settings(m: ModelMeasurement) -> dict:
+    """What ``inspect`` says about the checkpoint's settings: ``defaulted`` (names the weights cannot tell, e.g.
+    stacked RRDB block indices, eps, S), ``defaulted_values`` (the values assumed), ``inferred`` (read from shapes)."""
+    insp = m.static.get("inspect", {})
+    return {"defaulted": list(insp.get("defaulted", [])), "defaulted_values": dict(insp.get("defaulted_values", {})),
+            "inferred": list(insp.get("inferred", []))}
+
+
+def settings_warning(s: dict) -> Optional[str]:
+    """One line for a model whose verdict rests on defaulted settings (None when nothing was defaulted)."""
+    d = s.get("settings", {})
+    if not d.get("defaulted"):
+        return None
+    vals = d.get("defaulted_values", {})
+    shown = ", ".join(f"{k}={vals.get(k)!r}" if k in vals else k for k in d["defaulted"])
+    return (f"{s['name']}: the weights cannot tell {shown}; these settings were defaulted and every number for this "
+            f"model assumes them (pass --config with the checkpoint's original YAML to set them)")
 
 
 def gate_text(thr: dict) -> str:
@@ -116,5 +135,6 @@ def report_data(results: list, metrics: dict, ccfg: C.CorrelateConfig, summaries
              "inverse slopes are natural logs; the OOD statistics are fitted on in-distribution crops."]
     return {**C.report_data(results, ccfg, metrics, notes),
             "verdicts": verdicts,
-            "warnings": [f"{f['checkpoint']}: not audited: {f['error']}" for f in failures],
+            "warnings": [w for w in map(settings_warning, summaries) if w]
+            + [f"{f['checkpoint']}: not audited: {f['error']}" for f in failures],
             "tables": stress_tables(summaries)}

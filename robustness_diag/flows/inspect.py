@@ -51,6 +51,13 @@ def _range(values) -> list[float] | None:
 
 
 @torch.no_grad()
+def defaulted_values(info: dict) -> dict:
+    """``{setting: value}`` of the settings the weights could not tell and that were defaulted (``info["defaulted"]``
+    with the values from ``info["config"]``)."""
+    cfg = info.get("config") or {}
+    return {k: cfg.get(k) for k in info.get("defaulted", [])}
+
+
 def inspect_flow(flow: Flow) -> dict:
     """Returns a JSON-able report (see the keys); ``verdict`` is one line, ``status`` one of ok/warning/fail."""
     if flow.config.family == "hcflow":
@@ -80,7 +87,8 @@ def inspect_flow(flow: Flow) -> dict:
         "default_heat": cfg.heat,
         "parameters": sum(p.numel() for p in flow.parameters()), "tensors": len(flow.state_dict()),
         "sources": info.get("sources", {}), "inferred": info.get("inferred", []),
-        "defaulted": info.get("defaulted", []), "notes": info.get("notes", []),
+        "defaulted": info.get("defaulted", []), "defaulted_values": defaulted_values(info),
+        "notes": info.get("notes", []),
         "unused_keys": {k: {"count": len(v), "examples": v[:3]} for k, v in unused_keys(flow).items()},
         "nonfinite_tensors": nonfinite,
         "invconv_condition_number": {"min": min(conds), "max": max(conds),
@@ -117,7 +125,7 @@ def _inspect_hcflow(flow) -> dict:
         "spline_bounds": None, "default_heat": cfg.heat, "quant": cfg.quant,
         "parameters": sum(p.numel() for p in flow.parameters()), "tensors": len(flow.state_dict()),
         "sources": info.get("sources", {}), "inferred": info.get("inferred", []),
-        "defaulted": info.get("defaulted", []),
+        "defaulted": info.get("defaulted", []), "defaulted_values": defaulted_values(info),
         "notes": list(info.get("notes", [])) + ["eps=0: HCFlow couplings have no scale floor; exp(0.318*atan(2s)) "
                                                 "bounds the scale in (0.607, 1.648)"],
         "unused_keys": {}, "nonfinite_tensors": nonfinite,

@@ -141,3 +141,30 @@ def test_budget_and_device_are_checked():
         A.run(A.AuditConfig(budget="huge", progress=False))
     with pytest.raises(ValueError, match="--device"):
         A.run(A.AuditConfig(device="tpu", progress=False))
+
+
+def test_bundled_flows_have_no_defaulted_settings(audited):
+    _, res = audited
+    assert all(s["settings"]["defaulted"] == [] for s in res.summaries)
+    assert not [w for w in res.report_data["warnings"] if "defaulted" in w]
+
+
+def test_defaulted_settings_are_stated_in_the_summary_and_the_report(tmp_path):
+    import torch
+
+    from tests.synth import build_state_dict, read_manifest, reduce_manifest
+
+    path = tmp_path / "SRFlow_DF2K_4X.pth"
+    torch.save(build_state_dict(reduce_manifest(read_manifest("SRFlow_DF2K_4X"), nb=5, K=2), seed=0), path)
+    res = A.run(A.AuditConfig(checkpoints=[str(path)], out=str(tmp_path / "o"), progress=False, overrides=TINY),
+                render=render)
+    s = res.summaries[0]
+    assert "blocks" in s["settings"]["defaulted"]            # stacked RRDB block indices: not in the weights
+    blocks = s["settings"]["defaulted_values"]["blocks"]
+    assert blocks and all(isinstance(b, int) for b in blocks)
+    warning = A.settings_warning(s)
+    assert f"blocks={blocks!r}" in warning and "--config" in warning
+    assert warning in res.report_data["warnings"]
+    saved = json.loads((tmp_path / "o" / "audit.json").read_text())["models"][0]["settings"]
+    assert saved == s["settings"]
+    assert f"blocks={blocks!r}" in res.report.read_text()

@@ -159,8 +159,25 @@ def rank_correlations(x: np.ndarray, y: np.ndarray, name: str = "") -> dict:
             return {"spearman": undefined(reason), "kendall": undefined(reason)}
     rho = sps.spearmanr(x, y)
     tau = sps.kendalltau(x, y)  # tau-b: accounts for the heavy ties of a mostly-zero frequency
-    return {"spearman": {"value": float(rho.statistic), "p_value": float(rho.pvalue)},
-            "kendall": {"value": float(tau.statistic), "p_value": float(tau.pvalue)}}
+    return {"spearman": {"value": float(rho.statistic), **p_value_record(rho.pvalue, x.size)},
+            "kendall": {"value": float(tau.statistic), **p_value_record(tau.pvalue, x.size)}}
+
+
+#: The smallest positive double: a p-value that underflows to 0.0 is below it.
+SMALLEST_DOUBLE = float(np.nextafter(0.0, 1.0))
+
+
+def p_value_record(p: float, n_pairs: int) -> dict:
+    """A p-value as the tool writes it: never 0.0. ``p_value`` (None when it underflows), ``p_value_below`` (the
+    bound it is known to be under when it underflows: the smallest positive double, else None), ``p_value_text``,
+    ``n_pairs`` and what the test assumes (independent pairs: positions of one image are not, so it is descriptive)."""
+    p = float(p)
+    under = p == 0.0
+    return {"p_value": None if under else p, "p_value_below": SMALLEST_DOUBLE if under else None,
+            "p_value_text": f"< {SMALLEST_DOUBLE:.2g} (below the smallest representable double)" if under
+            else f"{p:.3g}", "n_pairs": int(n_pairs),
+            "p_value_assumes": "independent pairs; positions of one image are not independent, so read it as "
+                               "descriptive"}
 
 
 # -- reliability: P(artifact | score bin) -------------------------------------------------------------------------

@@ -148,3 +148,16 @@ def test_curves_end_at_one_and_match_the_hand_example():
     assert c["roc"]["fpr"] == [0, 0, 0.5, 0.5, 1] and c["roc"]["tpr"] == [0, 0.5, 0.5, 1, 1]
     assert c["pr"]["precision"] == pytest.approx([1, 0.5, 2 / 3, 0.5])
     assert S.curves(obs([1, 2], [0, 0]))["undefined"] == S.UNDEFINED_NO_POSITIVE
+
+
+def test_p_values_are_never_written_as_zero():
+    x = np.arange(5000, dtype=np.float64)
+    r = S.rank_correlations(x, x ** 2)                      # a perfect monotone relation: scipy's p underflows
+    for k in ("spearman", "kendall"):
+        rec = r[k]
+        assert rec["value"] == pytest.approx(1.0) and rec["n_pairs"] == 5000
+        assert rec["p_value"] is None and rec["p_value_below"] == S.SMALLEST_DOUBLE > 0
+        assert rec["p_value_text"].startswith("< ")
+    weak = S.rank_correlations(np.array([1.0, 2, 3, 4, 5]), np.array([2.0, 1, 4, 3, 5]))["spearman"]
+    assert 0 < weak["p_value"] < 1 and weak["p_value_below"] is None
+    assert weak["p_value_text"] == f"{weak['p_value']:.3g}"

@@ -63,7 +63,7 @@ class LayerRecord:
     """What one layer did during sampling (a small, fixed-size record: maps at the layer's own resolution).
 
     Attributes:
-        index: reference layer index (``flowUpsamplerNet.layers[index]``; HCFlow: ``flow.flow.layers[index]``).
+        index: reference layer index in the flow's sampling plan (``flow.sampling_plan().layers[index]``).
         name: human-readable name (:func:`.trace.layer_names`).
         kind: "squeeze", "step" (no coupling), "coupling" or "split".
         level: trace level (resolution HR / 2**level; a squeeze's output is at level - 1).

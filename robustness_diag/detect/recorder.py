@@ -274,7 +274,7 @@ class Recorder:
         return out
 
 
-#: the net owning the layers (flowUpsamplerNet, HCFlowNet) -> (parameter key, constant terms per level); entries
+#: the net owning the plan's layers (SamplingPlan.net) -> (parameter key, constant terms per level); entries
 #: die with their flow.
 _CONSTANTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 

@@ -326,15 +326,20 @@ def nonfinite_features_message(flow, counts: Mapping[str, Sequence[int]], lr: Op
     (``flow.info["nonfinite_keys"]``) or the input."""
     where = "; ".join(f"level {lv}: {c[0]} of {c[1]} feature values NaN/Inf ({c[2]} of {c[3]} positions)"
                       for lv, c in counts.items())
-    keys = list(getattr(flow, "info", {}).get("nonfinite_keys") or [])
     if lr is not None and not bool(torch.isfinite(lr).all()):
         cause = "likely cause: the input image itself holds NaN/Inf values"
-    elif keys:
-        cause = (f"likely cause: {len(keys)} weight tensor(s) of the checkpoint hold NaN/Inf (e.g. "
-                 f"{', '.join(keys[:3])})")
     else:
-        cause = NONFINITE_CAUSE
+        cause = nonfinite_weights_cause(flow)
     return f"non-finite conditioner features, not used for the statistics: {where}; {cause}"
+
+
+def nonfinite_weights_cause(flow) -> str:
+    """``"likely cause: ..."`` for non-finite features or scores of a finite input: the checkpoint's NaN/Inf weight
+    tensors when the loader found some (``flow.info["nonfinite_keys"]``), else the general causes."""
+    keys = list(getattr(flow, "info", {}).get("nonfinite_keys") or []) if flow is not None else []
+    if keys:
+        return f"likely cause: {len(keys)} weight tensor(s) of the checkpoint hold NaN/Inf (e.g. {', '.join(keys[:3])})"
+    return NONFINITE_CAUSE
 
 
 def fit_flow(flow, images: Iterable[torch.Tensor], options: Optional[FeatureOptions] = None, *,
@@ -441,14 +446,10 @@ def nonfinite_score_reason(level: str, agg: Mapping[str, float], score_map, lr: 
         return None
     m = score_map.detach() if isinstance(score_map, torch.Tensor) else torch.as_tensor(np.asarray(score_map))
     k = int((~torch.isfinite(m)).sum())
-    keys = list(getattr(flow, "info", {}).get("nonfinite_keys") or []) if flow is not None else []
     if lr is not None and not bool(torch.isfinite(lr).all()):
         cause = "the input image holds NaN/Inf values"
-    elif keys:
-        cause = (f"from a finite input image; likely cause: {len(keys)} weight tensor(s) of the checkpoint hold "
-                 f"NaN/Inf (e.g. {', '.join(keys[:3])})")
     else:
-        cause = f"from a finite input image; {NONFINITE_CAUSE}"
+        cause = f"from a finite input image; {nonfinite_weights_cause(flow)}"
     return (f"non-finite OOD score at level {level}: {', '.join(bad)} NaN/Inf ({k} of {m.numel()} positions "
             f"non-finite) {cause}")
 

@@ -5,12 +5,18 @@ Data model (all 1-D arrays of one length ``N``, one entry per position - an LR-g
 * ``score``: the OOD score at the position (Mahalanobis distance, higher = more OOD; any real value);
 * ``events``: in how many of the image's samples the position was an artifact (integer, ``0 <= events <= trials``);
 * ``trials``: how many samples were drawn for that image (integer >= 1);
-* ``image``: an integer id of the image the position belongs to (the unit of resampling).
+* ``image``: an integer id of the image the position belongs to;
+* ``source`` (optional, default ``image``): an integer id of the independent source photo the image was made from
+  (crops and degraded copies of one photo share it; the unit of resampling);
+* ``condition`` (optional): the stress condition of the image (strings), for the within-condition statistics of
+  :mod:`.clustered`.
 
 Each position contributes ``events`` positive and ``trials - events`` negative observations at its score, so the
 metrics are those of the pooled (position, sample) pairs with artifact as the positive class. Scores are ranked, never
 squashed (a sigmoid on raw distances saturates and ties everything). Confidence intervals come from
-a bootstrap over images (neighbouring positions are correlated, so resampling positions would understate them).
+a bootstrap over source images (neighbouring positions, and the crops and conditions of one photo, are correlated,
+so resampling positions or crops would understate them). These pooled statistics mix conditions: the questions a
+reader acts on (image level, within condition, within image) are in :mod:`.clustered`.
 
 A metric that is not defined on the data (AUROC with no artifact at all, a correlation with a constant variable) is
 reported as ``{"value": None, "undefined": "<reason>"}``, never as a number.
@@ -35,6 +41,8 @@ class Observations:
     events: np.ndarray
     trials: np.ndarray
     image: np.ndarray
+    source: Optional[np.ndarray] = None
+    condition: Optional[np.ndarray] = None
 
     def __post_init__(self):
         self.score = np.asarray(self.score, dtype=np.float64).ravel()
@@ -42,6 +50,8 @@ class Observations:
         self.events = _as_len(self.events, n, "events", np.float64)
         self.trials = _as_len(self.trials, n, "trials", np.float64)
         self.image = _as_len(self.image, n, "image", np.int64)
+        self.source = self.image.copy() if self.source is None else _as_len(self.source, n, "source", np.int64)
+        self.condition = None if self.condition is None else _as_len(self.condition, n, "condition", str)
         if not np.all(np.isfinite(self.score)):
             raise ValueError("score contains NaN or inf; drop those positions or give them a finite score")
         if np.any(self.trials < 1) or np.any(self.events < 0) or np.any(self.events > self.trials):
@@ -196,18 +206,25 @@ def wilson_interval(k, n, confidence: float = 0.95) -> tuple[np.ndarray, np.ndar
     return lo, hi
 
 
-def reliability(obs: Observations, n_bins: int = 10, confidence: float = 0.95) -> list[dict]:
-    """Artifact rate per equal-count score bin with Wilson intervals.
+def reliability(obs: Observations, n_bins: int = 10, confidence: float = 0.95, n_resamples: int = 1000,
+                seed: int = 0) -> list[dict]:
+    """Artifact rate per equal-count score bin with source-bootstrap intervals.
 
     Bins are quantiles of the position scores; positions with equal scores always share a bin, so with heavy ties
     there may be fewer bins than asked. Each row: ``lo, hi`` (score range), ``score_mean``, ``positions``,
-    ``events``, ``trials``, ``rate``, ``ci_low``, ``ci_high``. The Wilson interval treats (position, sample) pairs as
-    independent; the bootstrap intervals of :func:`correlate` are the honest ones for the headline numbers.
+    ``events``, ``trials``, ``rate``, ``ci_low``, ``ci_high`` (percentile interval over ``n_resamples`` resamples of
+    whole source images, :func:`.clustered.source_bootstrap`; None with one source), ``n_sources`` and
+    ``wilson_pooled`` (the Wilson interval that treats every (position, sample) pair as independent: too narrow,
+    kept for comparison only).
     """
+    from .clustered import source_bootstrap
+
     edges = np.unique(np.quantile(obs.score, np.linspace(0, 1, n_bins + 1)))
     if edges.size < 2:
         edges = np.array([obs.score[0], obs.score[0]])
     idx = np.clip(np.searchsorted(edges, obs.score, side="right") - 1, 0, edges.size - 2)
+    _, src = np.unique(obs.source, return_inverse=True)
+    S = int(src.max()) + 1
     rows = []
     for b in range(edges.size - 1):
         m = idx == b
@@ -215,9 +232,13 @@ def reliability(obs: Observations, n_bins: int = 10, confidence: float = 0.95) -
             continue
         k, n = obs.events[m].sum(), obs.trials[m].sum()
         lo, hi = wilson_interval(k, n, confidence)
+        ks, ns = np.bincount(src[m], obs.events[m], S), np.bincount(src[m], obs.trials[m], S)
+        boot = source_bootstrap(lambda w, ks=ks, ns=ns: (w @ ks) / (w @ ns) if w @ ns > 0 else np.nan, S,
+                                n_resamples, confidence, seed + b)
         rows.append({"lo": float(obs.score[m].min()), "hi": float(obs.score[m].max()),
                      "score_mean": float(obs.score[m].mean()), "positions": int(m.sum()), "events": float(k),
-                     "trials": float(n), "rate": float(k / n), "ci_low": float(lo), "ci_high": float(hi)})
+                     "trials": float(n), "rate": float(k / n), "ci_low": boot["ci_low"], "ci_high": boot["ci_high"],
+                     "n_sources": int(np.count_nonzero(ns)), "wilson_pooled": [float(lo), float(hi)]})
     return rows
 
 
@@ -277,38 +298,32 @@ def threshold_for_false_alarm(obs: Observations, false_alarm: float = 0.05) -> d
         i = ok[-1]
         thr, fa = float(ranked.thresholds[i]), float(fpr[i])
         tpr = float(np.cumsum(p)[i] / p.sum()) if p.sum() > 0 else None
-    return {"value": thr, "false_alarm_target": false_alarm, "false_alarm": fa, "tpr": tpr}
+    return {"value": thr, "false_alarm_target": false_alarm, "false_alarm": fa, "tpr": tpr,
+            "chosen_on": "the same pooled (position, sample) pairs it is judged on (in sample, optimistic); the "
+                         "image-level gate of analyses/clustered.py is judged out of sample"}
 
 
-# -- bootstrap over images --------------------------------------------------------------------------------------------
-def bootstrap_by_image(obs: Observations, statistic: Callable[[np.ndarray], dict], keys: list[str],
-                       n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
-    """Percentile intervals of ``statistic(weights)`` over resamples of whole images.
+# -- bootstrap over sources -------------------------------------------------------------------------------------------
+def bootstrap_by_source(obs: Observations, statistic: Callable[[np.ndarray], dict], keys: list[str],
+                        n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """Percentile intervals of ``statistic(weights)`` over resamples of whole source images (every crop and condition
+    of one source moves together; :func:`.clustered.source_bootstrap`).
 
-    ``statistic(mult)`` receives a per-position multiplicity (how many times its image was drawn) and returns a
+    ``statistic(mult)`` receives a per-position multiplicity (how many times its source was drawn) and returns a
     dict of ``{key: {"value": ...}}``; resamples where a key is undefined are skipped and counted.
-    Returns ``{key: {"ci_low", "ci_high", "n_valid"}}``.
+    Returns ``{key: {"ci_low", "ci_high", "n_valid", "n_sources"}}``.
     """
-    images, img_index = np.unique(obs.image, return_inverse=True)
-    rng = np.random.default_rng(seed)
-    vals: dict[str, list[float]] = {k: [] for k in keys}
-    for _ in range(n_resamples):
-        draw = np.bincount(rng.integers(0, images.size, images.size), minlength=images.size)
-        res = statistic(draw[img_index].astype(np.float64))
-        for k in keys:
-            v = res[k].get("value")
-            if v is not None and np.isfinite(v):
-                vals[k].append(v)
-    alpha = (1 - confidence) / 2
-    out = {}
-    for k in keys:
-        v = np.asarray(vals[k])
-        if v.size < max(10, n_resamples // 10):
-            out[k] = {"ci_low": None, "ci_high": None, "n_valid": int(v.size)}
-        else:
-            lo, hi = np.quantile(v, [alpha, 1 - alpha])
-            out[k] = {"ci_low": float(lo), "ci_high": float(hi), "n_valid": int(v.size)}
-    return out
+    from .clustered import source_bootstrap
+
+    _, src = np.unique(obs.source, return_inverse=True)
+    S = int(src.max()) + 1
+
+    def values(m):
+        res = statistic(m[src])
+        return np.array([np.nan if res[k].get("value") is None else res[k]["value"] for k in keys])
+    boot = source_bootstrap(values, S, n_resamples, confidence, seed, keys=keys)
+    return {k: {"ci_low": b["ci_low"], "ci_high": b["ci_high"], "n_valid": b["n_valid"], "n_sources": S}
+            for k, b in boot.items()}
 
 
 def correlate(obs: Observations, explosion: Optional[np.ndarray] = None, n_bins: int = 10,
@@ -323,17 +338,20 @@ def correlate(obs: Observations, explosion: Optional[np.ndarray] = None, n_bins:
     ranked = _Ranked.of(obs.score)
     disc = discrimination(obs)
     keys = ["auroc", "average_precision", "fpr_at_95_tpr"]
-    ci = bootstrap_by_image(obs, lambda m: _discrimination(ranked, obs.positives * m, obs.negatives * m), keys,
+    ci = bootstrap_by_source(obs, lambda m: _discrimination(ranked, obs.positives * m, obs.negatives * m), keys,
                             n_resamples, confidence, seed)
     for k in keys:
         if disc[k].get("value") is not None:
             disc[k].update(ci[k])
     out = {"n_positions": int(obs.score.size), "n_images": int(np.unique(obs.image).size),
+           "n_sources": int(np.unique(obs.source).size),
            "n_trials": float(obs.trials.sum()), "n_events": float(obs.events.sum()),
-           "confidence": confidence, "bootstrap": {"unit": "image", "n_resamples": n_resamples, "seed": seed},
+           "confidence": confidence,
+           "bootstrap": {"unit": "source image", "n_resamples": n_resamples, "seed": seed,
+                         "method": "percentile bootstrap over source images (scipy.stats.bootstrap)"},
            **disc,
            "score_vs_frequency": rank_correlations(obs.score, obs.rate, "score vs artifact frequency"),
-           "reliability": reliability(obs, n_bins, confidence),
+           "reliability": reliability(obs, n_bins, confidence, n_resamples, seed),
            "isotonic": isotonic_fit(obs),
            "logistic": logistic_fit(obs),
            "threshold": threshold_for_false_alarm(obs, false_alarm),

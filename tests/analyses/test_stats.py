@@ -82,7 +82,13 @@ def test_reliability_equal_count_bins():
     rows = S.reliability(obs(score, events), n_bins=4)
     assert [r["positions"] for r in rows] == [25, 25, 25, 25]
     assert [r["rate"] for r in rows] == [0, 0, 1, 1]
-    assert all(r["ci_low"] <= r["rate"] <= r["ci_high"] for r in rows)
+    # one source image: nothing to resample, so no interval; the pooled Wilson interval is kept, labelled
+    assert all(r["ci_low"] is None and r["n_sources"] == 1 for r in rows)
+    assert all(r["wilson_pooled"][0] <= r["rate"] <= r["wilson_pooled"][1] for r in rows)
+    # ten sources: a source-bootstrap interval that brackets the rate
+    many = S.Observations(score, events, 1, np.arange(100) % 10)
+    rows = S.reliability(many, n_bins=4, n_resamples=200)
+    assert all(r["ci_low"] <= r["rate"] <= r["ci_high"] and r["n_sources"] == 10 for r in rows)
     # all-tied scores: one bin, no crash
     assert len(S.reliability(obs(np.ones(10), np.arange(10) % 2), n_bins=5)) == 1
 
@@ -117,7 +123,7 @@ def test_logistic_fit_recovers_a_known_slope():
     assert np.all(np.diff(iso["p"]) >= 0)
 
 
-def test_bootstrap_is_over_images_and_brackets_the_estimate():
+def test_bootstrap_is_over_sources_and_brackets_the_estimate():
     rng = np.random.default_rng(3)
     n_img, per = 30, 50
     image = np.repeat(np.arange(n_img), per)
@@ -126,12 +132,15 @@ def test_bootstrap_is_over_images_and_brackets_the_estimate():
     res = S.correlate(obs(score, events, 4, image), n_resamples=300, seed=1)
     a = res["auroc"]
     assert a["ci_low"] < a["value"] < a["ci_high"] and a["n_valid"] == 300
-    assert res["n_images"] == n_img and res["bootstrap"]["unit"] == "image"
+    assert res["n_images"] == n_img and res["bootstrap"]["unit"] == "source image" and res["n_sources"] == n_img
     again = S.correlate(obs(score, events, 4, image), n_resamples=300, seed=1)
     assert again["auroc"] == a                                     # seeded: reproducible
     one = S.correlate(obs(score, events, 4, 0), n_resamples=50)    # a single image: nothing to resample
-    assert one["auroc"]["ci_low"] == pytest.approx(one["auroc"]["value"])
-    assert one["auroc"]["ci_high"] == pytest.approx(one["auroc"]["value"])
+    assert one["auroc"]["ci_low"] is None and one["auroc"]["ci_high"] is None
+    # three crops per source photo: the resampling unit is the source, so there are 10 of them, not 30
+    by_source = S.correlate(S.Observations(score, events, 4, image, source=image // 3), n_resamples=300, seed=1)
+    assert by_source["n_sources"] == 10 and by_source["auroc"]["n_sources"] == 10
+    assert by_source["auroc"]["value"] == a["value"]
 
 
 def test_bad_observations_are_refused_with_reasons():

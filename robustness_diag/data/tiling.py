@@ -4,13 +4,17 @@ A tile has a *core* (the pixels it is responsible for) and an *extended* window 
 side, clipped to the image). A function ``fn`` runs on extended windows; its outputs are cropped to the cores and
 written into place. Where the image ends, the window ends too, so the network sees the same zero padding as on the
 whole image. Consequence: if every output position depends only on inputs within ``margin`` pixels (the receptive
-field), the stitched result equals the whole-image result up to floating-point summation order.
+field), the stitched result equals the whole-image result up to floating-point summation order; with a smaller
+margin it does not, and nothing here can tell by how much (the OOD scorer measures it:
+:meth:`robustness_diag.ood.FeatureExtractor.stitching_error`).
 
 Outputs may live on a grid at another resolution: ``ratios[key] = r`` means output ``key`` of an input window of
 ``h x w`` pixels has ``h*r x w*r`` positions (``r`` = 2 for a feature at twice the input size, 0.5 at half).
 Tile corners and margins are multiples of ``align`` so that ``y*r`` is an integer for every ratio in use.
 
-Memory: one call of ``fn`` sees at most ``batch`` windows of at most ``(tile + 2 margin)^2`` pixels.
+Memory: one call of ``fn`` sees at most ``batch`` windows of at most ``(tile + 2 margin)^2`` pixels. An image that
+fits in one tile, or (``whole_max_pixels``) whose area is at most that of one full window, is one piece: it needs
+no more memory than a single window and less compute than its overlapping tiles.
 """
 from __future__ import annotations
 
@@ -44,18 +48,24 @@ def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
-def plan_tiles(height: int, width: int, tile: int, margin: int, align: int = 1) -> list[Tile]:
+def plan_tiles(height: int, width: int, tile: int, margin: int, align: int = 1,
+               whole_max_pixels: int = 0) -> list[Tile]:
     """Splits an ``height x width`` image into cores of ``tile x tile`` (the last row/column may be smaller).
 
     ``tile`` is rounded down and ``margin`` up to multiples of ``align``; ``height`` and ``width`` must already be
-    multiples of ``align`` (pad first, :func:`pad_to_multiple`). An image that fits in one tile is one tile with no
-    margin (the whole image).
+    multiples of ``align`` (pad first, :func:`pad_to_multiple`). An image that fits in one tile, or whose area
+    ``height * width`` is at most ``whole_max_pixels``, is one tile with no margin (the whole image).
+
+    >>> [(t.y0, t.y1, t.ey0, t.ey1) for t in plan_tiles(12, 4, 4, 2)]
+    [(0, 4, 0, 6), (4, 8, 2, 10), (8, 12, 6, 12)]
+    >>> len(plan_tiles(12, 4, 4, 2, whole_max_pixels=(4 + 2 * 2) ** 2))
+    1
     """
     if height % align or width % align:
         raise ValueError(f"image {height}x{width} is not a multiple of the alignment {align}; pad it first")
     tile = max(align, (int(tile) // align) * align)
     margin = _round_up(max(0, int(margin)), align)
-    if height <= tile and width <= tile:
+    if (height <= tile and width <= tile) or height * width <= int(whole_max_pixels or 0):
         return [Tile(0, height, 0, width, 0, height, 0, width)]
     tiles = []
     for y0 in range(0, height, tile):
@@ -137,14 +147,16 @@ def iter_tiled(x: torch.Tensor, fn: Callable[[torch.Tensor], Mapping[str, torch.
 
 
 def tiled_map(x: torch.Tensor, fn: Callable[[torch.Tensor], Mapping[str, torch.Tensor]], *, tile: int, margin: int,
-              ratios: Mapping[str, float], align: int = 1, batch: int = 1) -> dict[str, torch.Tensor]:
+              ratios: Mapping[str, float], align: int = 1, batch: int = 1,
+              whole_max_pixels: int = 0) -> dict[str, torch.Tensor]:
     """Whole-image outputs of ``fn`` computed tile by tile and stitched: ``{key: [1, K, H*r, W*r]}``.
 
-    ``x`` is ``[1, C, H, W]`` with ``H``, ``W`` multiples of ``align``. Keep the per-window outputs small (e.g. a
-    score map, ``K = 1``): the stitched outputs are whole-image sized, the features inside ``fn`` are not.
+    ``x`` is ``[1, C, H, W]`` with ``H``, ``W`` multiples of ``align``; tiles as :func:`plan_tiles`. Keep the
+    per-window outputs small (e.g. a score map, ``K = 1``): the stitched outputs are whole-image sized, the features
+    inside ``fn`` are not.
     """
     h, w = x.shape[-2:]
-    tiles = plan_tiles(h, w, tile, margin, align)
+    tiles = plan_tiles(h, w, tile, margin, align, whole_max_pixels)
     out: dict[str, torch.Tensor] = {}
     for t, parts in iter_tiled(x, fn, tiles, ratios, batch):
         for key, val in parts.items():

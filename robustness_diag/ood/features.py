@@ -5,12 +5,21 @@ resolution for every scale (the default level), ``fea_up2``/``fea_up4``/... at 2
 Each holds ``cond_channels`` channels (the level feature plus the stacked trunk blocks; 320 for SRFlow, 160 for the
 bundled flows); a channel subset can be chosen.
 
-Images of any size: the LR image ``[1, 3, h, w]`` is padded (bottom/right, replicate) to the multiple the flow needs,
-cut into overlapping tiles (:mod:`robustness_diag.data.tiling`), and outputs are cropped back to the ``h x w`` input
-(``ceil(h*r) x ceil(w*r)`` positions at a level of ratio ``r``). With ``margin >= receptive_field(flow, levels)`` the
-stitched features equal the whole-image features; the default margin is that radius, capped at
-:data:`MAX_AUTO_MARGIN` LR pixels (deep RRDBs have a theoretical radius of several hundred pixels but a much smaller
-effective one; ``stitch_exact`` in :meth:`FeatureExtractor.describe` says whether the cap was hit).
+Images of any size, exact by default: the LR image ``[1, 3, h, w]`` is padded (bottom/right, replicate) to the
+multiple the flow needs and processed in one piece when its area is at most that of one tile window,
+``(tile + 2 margin)^2`` LR pixels; larger images are cut into overlapping tiles (:mod:`robustness_diag.data.tiling`).
+Outputs are cropped back to the ``h x w`` input (``ceil(h*r) x ceil(w*r)`` positions at a level of ratio ``r``).
+The default margin is the flow's receptive field (:func:`receptive_field`, no cap: 62 LR px for the bundled flows,
+347 for SRFlow's 23-block RRDB), so stitched features equal whole-image features up to floating-point summation
+order. A smaller margin is the caller's choice for less memory and compute; it is not exact, and
+:meth:`FeatureExtractor.stitching_error` measures the error of a stitched map against an exact computation
+(``robustness-diag score`` does so for every tiled image and records it).
+
+Memory (no gradients): about ``batch x (tile + 2 margin)^2`` LR pixels of conditioner activations at once, and never
+more for an image processed whole. SRFlow's RRDB at ``fea_up1`` takes about 4.8 KB per LR pixel in float32
+(measured on CPU), so its exact 950-px window of a 256-px tile is about 4.3 GB; every image up to 0.9 MPx LR (a 4K
+frame's 960x540 LR included) runs whole. The default ``batch`` is 1 for that reason; ``tile`` trades memory
+(window area) against the recomputed overlap (window area / core area: 13.8 at 256 px for SRFlow).
 """
 from __future__ import annotations
 
@@ -24,13 +33,20 @@ import torch.nn.functional as F
 
 from ..flows.base import Flow
 from ..data.tiling import crop_to, iter_tiled, pad_to_multiple, plan_tiles, tiled_map
+from .borders import DEFAULT_BORDER_MARGIN, interior_mask
 from .errors import NonFiniteStatisticsError
 from .gaussian import GaussianAccumulator
-from .scorer import NONFINITE_CAUSE, MahalanobisScorer
+from .scorer import DEFAULT_THRESHOLD_QUANTILE, NONFINITE_CAUSE, MahalanobisScorer
 
 DEFAULT_LEVEL = "fea_up1"
-MAX_AUTO_MARGIN = 96
 DEFAULT_TILE = 256
+#: LR pixels on each side of the tile corner where :meth:`FeatureExtractor.stitching_error` compares (large images)
+STITCH_CHECK_HALF = 16
+#: Fraction of the in-distribution images held out of the Gaussian to calibrate the threshold (:func:`held_out`).
+DEFAULT_CALIBRATION_FRACTION = 0.2
+#: why a fit has no calibrated threshold (recorded in ``meta["threshold_calibration"]["reason"]``)
+NO_HOLD_OUT = "calibration fraction 0: no image held out"
+ALL_HELD_OUT = "too few images: every one would be held out, so all were fitted and none held out"
 
 
 def _parse_ratio(level: str) -> float:
@@ -150,18 +166,23 @@ class FeatureOptions:
     Attributes:
         levels: feature levels (None: the LR-resolution level ``fea_up1``).
         channels: channel subset (see :func:`parse_channels`), applied to every level.
-        tile: core tile size in LR pixels (images up to this size are one piece).
-        margin: overlap in LR pixels on each side of a tile (None: receptive field, capped at ``MAX_AUTO_MARGIN``).
-        batch: tiles per forward pass (memory ~ batch x (tile + 2 margin)^2 x channels).
+        tile: core tile size in LR pixels.
+        margin: overlap in LR pixels on each side of a tile (None: the flow's receptive field, which makes tiling
+            exact; smaller: less memory and compute, not exact, see :meth:`FeatureExtractor.stitching_error`).
+        batch: tiles per forward pass (memory ~ batch x (tile + 2 margin)^2 LR pixels of activations).
         pad_mode: padding of odd sizes ("replicate", "reflect", "constant").
+        whole_max_pixels: images of at most this many (padded) LR pixels are processed in one piece (None: the area
+            of one tile window, ``(tile + 2 margin)^2``, so no image needs more memory than a window; 0: only images
+            that fit in one tile).
     """
 
     levels: Optional[Sequence[str]] = None
     channels: object = None
     tile: int = DEFAULT_TILE
     margin: Optional[int] = None
-    batch: int = 2
+    batch: int = 1
     pad_mode: str = "replicate"
+    whole_max_pixels: Optional[int] = None
 
 
 class FeatureExtractor:
@@ -181,8 +202,12 @@ class FeatureExtractor:
         self.align = lr_alignment(flow, self.levels)
         self.ratios = {lv: level_ratio(lv, flow) for lv in self.levels}
         self.rf = receptive_field(flow, self.levels)
-        self.margin = int(opts.margin) if opts.margin is not None else min(self.rf, MAX_AUTO_MARGIN)
-        self.tile = max(int(opts.tile), self.align)
+        a = self.align
+        self.margin = -(-(int(opts.margin) if opts.margin is not None else self.rf) // a) * a   # as plan_tiles
+        self.margin_source = "receptive field" if opts.margin is None else "given"
+        self.tile = max(a, (int(opts.tile) // a) * a)
+        self.whole_max_pixels = (int(opts.whole_max_pixels) if opts.whole_max_pixels is not None
+                                 else (self.tile + 2 * self.margin) ** 2)
         self._ch_index = None
 
     @property
@@ -193,12 +218,18 @@ class FeatureExtractor:
     def device(self) -> torch.device:
         return next(self.flow.parameters()).device
 
+    @property
+    def exact(self) -> bool:
+        """Whether tiled features equal whole-image ones (margin at least the receptive field)."""
+        return self.margin >= self.rf
+
     def describe(self) -> dict:
-        """JSON-ready settings (recorded in statistics files and run.json)."""
+        """JSON-ready settings (recorded in statistics files and run.json). ``stitch_exact``: the margin is at least
+        the receptive field (tiling exact up to float summation order); otherwise scoring measures the error."""
         return {"levels": self.levels, "channels": self.channels, "n_channels_total": self.n_channels,
-                "tile": self.tile, "margin": self.margin, "batch": int(self.options.batch),
-                "pad_mode": self.options.pad_mode, "alignment": self.align, "receptive_field": self.rf,
-                "stitch_exact": self.margin >= self.rf}
+                "tile": self.tile, "margin": self.margin, "margin_source": self.margin_source,
+                "batch": int(self.options.batch), "pad_mode": self.options.pad_mode, "alignment": self.align,
+                "receptive_field": self.rf, "whole_max_pixels": self.whole_max_pixels, "stitch_exact": self.exact}
 
     def _select(self, f: torch.Tensor) -> torch.Tensor:
         if self.channels is None:
@@ -219,7 +250,12 @@ class FeatureExtractor:
         return x, size
 
     def _tiles(self, hp: int, wp: int):
-        return plan_tiles(hp, wp, self.tile, self.margin, self.align)
+        return plan_tiles(hp, wp, self.tile, self.margin, self.align, self.whole_max_pixels)
+
+    def n_tiles(self, h: int, w: int) -> int:
+        """How many pieces an ``h x w`` LR image is processed in (1: whole, exact whatever the margin)."""
+        a = self.align
+        return len(self._tiles(-(-h // a) * a, -(-w // a) * a))
 
     @torch.no_grad()
     def iter_vectors(self, lr: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
@@ -252,7 +288,7 @@ class FeatureExtractor:
             return {k: self._select(v) for k, v in conditioner_features(self.flow, win, self.levels).items()}
 
         out = tiled_map(x, fn, tile=self.tile, margin=self.margin, ratios=self.ratios, align=self.align,
-                        batch=self.options.batch)
+                        batch=self.options.batch, whole_max_pixels=self.whole_max_pixels)
         return {k: crop_to(v, size, self.ratios[k]) for k, v in out.items()}
 
     @torch.no_grad()
@@ -271,8 +307,72 @@ class FeatureExtractor:
                     for k, v in feats.items()}
 
         out = tiled_map(x, fn, tile=self.tile, margin=self.margin, ratios=self.ratios, align=self.align,
-                        batch=self.options.batch)
+                        batch=self.options.batch, whole_max_pixels=self.whole_max_pixels)
         return {k: crop_to(v, size, self.ratios[k])[0, 0] for k, v in out.items()}
+
+    def stitch_check_box(self, h: int, w: int) -> Optional[tuple[int, int, int, int]]:
+        """The LR-pixel box ``(y0, y1, x0, x1)`` where :meth:`stitching_error` compares for an ``h x w`` image, or
+        None when the image is processed in one piece (exact).
+
+        The exact reference needs the box grown by the receptive field, so the check costs at most one untiled
+        window of ``(2 STITCH_CHECK_HALF + 2 receptive field)^2`` pixels (SRFlow: 726 px on a side). An image within
+        that area is checked whole: the measured error is then the image's largest. A larger one is checked on a box
+        of :data:`STITCH_CHECK_HALF` pixels (rounded up to the alignment) on each side of the first interior tile
+        corner, where four tiles meet and the cores' context is cut on two sides (an image with one row (column) of
+        tiles: its middle row (column) across the first seam); that is a spot check, a lower bound of the image's
+        largest error (forced on whole LR photos of chelsea, china and grace_hopper with ``sr4x_affine``, tiles 32
+        and 64, margins 4 and 8, it found 0.12 to 0.88 of the whole-image error)."""
+        a = self.align
+        hp, wp = -(-h // a) * a, -(-w // a) * a
+        if len(self._tiles(hp, wp)) == 1:
+            return None
+        half = -(-STITCH_CHECK_HALF // a) * a
+        if hp * wp <= (2 * half + 2 * (-(-self.rf // a) * a)) ** 2:
+            return 0, hp, 0, wp
+        cy = self.tile if hp > self.tile else (hp // 2 // a) * a
+        cx = self.tile if wp > self.tile else (wp // 2 // a) * a
+        return max(0, cy - half), min(hp, cy + half), max(0, cx - half), min(wp, cx + half)
+
+    @torch.no_grad()
+    def stitching_error(self, lr: torch.Tensor, scorer: MahalanobisScorer,
+                        maps: Mapping[str, torch.Tensor]) -> Optional[dict]:
+        """Measured error of stitched distance maps ``maps`` (from :meth:`distance_maps` of ``lr``) against an exact
+        computation, or None when ``lr`` is processed in one piece.
+
+        The exact reference is the distance map of one untiled window: the box of :meth:`stitch_check_box` (the
+        whole image when it is small enough) grown by the receptive field on every side (clipped to the image, where
+        the whole image ends too). Returns ``{"box": [y0, y1, x0, x1], "whole_image": bool, "window": [...],
+        "levels": {level: {"max_abs", "max_rel", "positions"}}}`` (LR pixels; ``max_rel`` relative to the exact
+        distance). With a margin of at least the receptive field it is float rounding (about 1e-5 in float32).
+        """
+        x, (h, w) = self._prepare(lr)
+        box = self.stitch_check_box(h, w)
+        if box is None:
+            return None
+        y0, y1, x0, x1 = box
+        a = self.align
+        m = -(-self.rf // a) * a
+        hp, wp = x.shape[-2:]
+        wy0, wy1, wx0, wx1 = max(0, y0 - m), min(hp, y1 + m), max(0, x0 - m), min(wp, x1 + m)
+        feats = conditioner_features(self.flow, x[..., wy0:wy1, wx0:wx1], self.levels)
+        out = {}
+        for lv, f in feats.items():
+            r = self.ratios[lv]
+            ref = scorer.levels[lv].distance_map(f, scorer.compute_dtype)[0].float()
+            vh, vw = math.ceil(h * r - 1e-9), math.ceil(w * r - 1e-9)
+            py0, py1 = int(round(y0 * r)), min(int(round(y1 * r)), vh)
+            px0, px1 = int(round(x0 * r)), min(int(round(x1 * r)), vw)
+            oy, ox = int(round(wy0 * r)), int(round(wx0 * r))
+            exact = ref[py0 - oy:py1 - oy, px0 - ox:px1 - ox]
+            got = maps[lv][py0:py1, px0:px1].to(exact.device).float()
+            diff = (got - exact).abs()
+            diff = torch.where(torch.isnan(got) & torch.isnan(exact), torch.zeros_like(diff), diff)
+            diff = torch.nan_to_num(diff, nan=math.inf)
+            rel = diff / exact.abs().clamp_min(1e-12)
+            out[lv] = {"max_abs": float(diff.max()) if diff.numel() else 0.0,
+                       "max_rel": float(rel.max()) if rel.numel() else 0.0, "positions": int(diff.numel())}
+        whole = (y0, y1, x0, x1) == (0, hp, 0, wp)
+        return {"box": [y0, y1, x0, x1], "whole_image": whole, "window": [wy0, wy1, wx0, wx1], "levels": out}
 
 
 def make_accumulators(extractor: FeatureExtractor) -> dict[str, GaussianAccumulator]:
@@ -281,8 +381,9 @@ def make_accumulators(extractor: FeatureExtractor) -> dict[str, GaussianAccumula
 
 
 def accumulate(extractor: FeatureExtractor, accs: Mapping[str, GaussianAccumulator], lr: torch.Tensor) -> int:
-    """Streams the features of one LR image ``[1, 3, h, w]`` into ``accs``; returns the number of positions added
-    at the first level.
+    """Streams the features of one LR image ``[1, 3, h, w]`` into ``accs`` (every position, the border included:
+    the Gaussian models the conditioner's output as it is; only aggregates and the threshold calibration leave the
+    border margin out); returns the number of positions added at the first level.
 
     Raises :class:`~.errors.NonFiniteStatisticsError` when any feature value of the image is NaN/Inf (naming the
     level, how many values and positions, and the likely cause); ``accs`` are then left as they were before the
@@ -342,16 +443,130 @@ def nonfinite_weights_cause(flow) -> str:
     return NONFINITE_CAUSE
 
 
+def held_out(index: int, fraction: float) -> bool:
+    """Whether the image at ``index`` (0-based, in input order) is held out of the Gaussian to calibrate the
+    threshold: deterministic, ``ceil(n * fraction)`` of the first ``n`` images, the first one always (with the
+    default 0.2: images 0, 5, 10, ...).
+
+    >>> [i for i in range(12) if held_out(i, 0.2)]
+    [0, 5, 10]
+    >>> any(held_out(i, 0.0) for i in range(12))
+    False
+    """
+    from fractions import Fraction
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"calibration fraction must be in [0, 1), got {fraction}")
+    fr = Fraction(float(fraction)).limit_denominator(10 ** 6)
+    return math.ceil((index + 1) * fr) > math.ceil(index * fr)
+
+
+class ThresholdCalibrator:
+    """The empirical per-position threshold of fitted statistics, from in-distribution images held out of the fit.
+
+    :meth:`add` scores one held-out LR image with the fitted ``scorer`` and keeps the distances of its interior
+    positions (:func:`~.borders.interior_mask` with ``border_margin``, the margin image aggregates leave out) as
+    float32; :meth:`apply` stores, per level, their ``quantile`` (numpy's linear interpolation) as the scorer's
+    threshold with how it was obtained (``meta["threshold_calibration"]``). Memory: 4 bytes per kept position.
+    Shared by :func:`fit_flow` and ``robustness-diag fit``.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, scorer: MahalanobisScorer, *,
+                 quantile: float = DEFAULT_THRESHOLD_QUANTILE, border_margin: int = DEFAULT_BORDER_MARGIN):
+        if not 0.0 < float(quantile) < 1.0:
+            raise ValueError(f"calibration quantile must be in (0, 1), got {quantile}")
+        self.extractor, self.scorer = extractor, scorer
+        self.quantile, self.border_margin = float(quantile), int(border_margin)
+        self.values: dict[str, list[np.ndarray]] = {lv: [] for lv in extractor.levels}
+        self.n_images = 0
+        self.indices: list[int] = []
+
+    @torch.no_grad()
+    def add(self, lr: torch.Tensor, index: Optional[int] = None) -> int:
+        """Scores one held-out image; returns the number of interior positions kept at the first level.
+
+        Raises :class:`~.errors.NonFiniteStatisticsError` (and keeps nothing of the image) when a distance is
+        NaN/Inf: such an image would have been refused by the fit too."""
+        maps = self.extractor.distance_maps(lr, self.scorer)
+        kept = {}
+        for lv, m in maps.items():
+            a = m.detach().cpu().float().numpy()
+            a = a[interior_mask(a.shape[0], a.shape[1], self.border_margin)]
+            if not np.isfinite(a).all():
+                raise NonFiniteStatisticsError(
+                    f"held-out image not used for the threshold: level {lv}: {int((~np.isfinite(a)).sum())} of "
+                    f"{a.size} distances NaN/Inf; {nonfinite_weights_cause(self.extractor.flow)}")
+            kept[lv] = a
+        for lv, a in kept.items():
+            self.values[lv].append(a)
+        self.n_images += 1
+        if index is not None:
+            self.indices.append(int(index))
+        return int(kept[self.extractor.levels[0]].size)
+
+    def method(self) -> str:
+        return (f"empirical {self.quantile} quantile (numpy linear interpolation) of the per-position distances of "
+                f"{self.n_images} in-distribution image(s) held out of the Gaussian, positions at least "
+                f"{self.border_margin} from the border")
+
+    def apply(self, fraction: float) -> MahalanobisScorer:
+        """Stores the calibrated thresholds in the scorer (returned); with no image added it stays on the chi
+        quantile with the reason (:func:`mark_uncalibrated`)."""
+        if not self.n_images:
+            return mark_uncalibrated(self.scorer, "no held-out image could be scored", fraction=fraction,
+                                     border_margin=self.border_margin, quantile=self.quantile)
+        levels = {}
+        for lv, parts in self.values.items():
+            v = np.concatenate(parts).astype(np.float64)
+            t = float(np.quantile(v, self.quantile))
+            chi = chi_threshold(self.scorer, lv, self.quantile)
+            levels[lv] = {"threshold": t, "quantile": self.quantile, "n_images": self.n_images,
+                          "n_positions": int(v.size), "border_margin": self.border_margin, "method": self.method(),
+                          "chi_quantile": chi, "frac_above_chi_quantile": float(np.mean(v > chi))}
+        meta = self.scorer.meta
+        meta["threshold_calibration"] = {
+            "status": "calibrated", "reason": None, "fraction": float(fraction), "quantile": self.quantile,
+            "border_margin": self.border_margin, "n_images": self.n_images, "held_out": list(self.indices),
+            "method": self.method(), "levels": levels}
+        meta["thresholds"] = {lv: c["threshold"] for lv, c in levels.items()}
+        meta["threshold_source"] = f"calibrated: {self.method()}"
+        return self.scorer
+
+
+def chi_threshold(scorer: MahalanobisScorer, level: str, quantile: float = DEFAULT_THRESHOLD_QUANTILE) -> float:
+    """The ``quantile`` of the chi distribution with the level's dimension as degrees of freedom."""
+    from .scorer import chi_quantile
+    return chi_quantile(quantile, scorer.levels[level].dim)
+
+
+def mark_uncalibrated(scorer: MahalanobisScorer, reason: str, *, fraction: float,
+                      border_margin: int = DEFAULT_BORDER_MARGIN,
+                      quantile: float = DEFAULT_THRESHOLD_QUANTILE) -> MahalanobisScorer:
+    """Records in the scorer's metadata that its thresholds are the chi quantiles, and why (returned)."""
+    scorer.meta["threshold_calibration"] = {
+        "status": "not calibrated", "reason": reason, "fraction": float(fraction), "quantile": float(quantile),
+        "border_margin": int(border_margin), "n_images": 0, "held_out": [], "method": None, "levels": {}}
+    return scorer
+
+
 def fit_flow(flow, images: Iterable[torch.Tensor], options: Optional[FeatureOptions] = None, *,
              shrinkage: str = "oas", ridge: float = 1e-3, max_condition: float = 1e10,
-             meta: Optional[dict] = None) -> MahalanobisScorer:
-    """Fits per-level Gaussians on the conditioner features of in-distribution LR images (streaming).
+             calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
+             border_margin: int = DEFAULT_BORDER_MARGIN, meta: Optional[dict] = None) -> MahalanobisScorer:
+    """Fits per-level Gaussians on the conditioner features of in-distribution LR images (streaming), and calibrates
+    the per-position threshold on images held out of the fit.
 
     Arguments:
         flow: the flow whose conditioner is scored.
         images: LR images, each ``[3, h, w]`` or ``[1, 3, h, w]`` in [0, 1] (any sizes; iterated once).
         options: levels, channels, tiling.
         shrinkage, ridge, max_condition: see :meth:`MahalanobisScorer.from_accumulators`.
+        calibration_fraction: share of the images held out of the Gaussian (:func:`held_out`: images 0, 5, 10, ...
+            with the default 0.2); their interior per-position distances give the threshold
+            (:class:`ThresholdCalibrator`). 0: no hold-out, the threshold is the chi quantile. With a single image
+            nothing is held out (the threshold is then the chi quantile, said in the metadata). The held-out images
+            are kept (referenced) until the fit is done.
+        border_margin: positions that close to the border are left out of the calibration (as image aggregates
+            leave them out, :func:`aggregate`).
         meta: provenance merged over the standard metadata of :func:`fit_statistics`.
 
     Returns:
@@ -360,17 +575,40 @@ def fit_flow(flow, images: Iterable[torch.Tensor], options: Optional[FeatureOpti
     """
     import time
     started = time.time()
+    held_out(0, calibration_fraction)                     # validates the fraction before any work
     ex = FeatureExtractor(flow, options)
     accs = make_accumulators(ex)
-    n_images = 0
-    for img in images:
+    n_images, kept = 0, []
+    for i, img in enumerate(images):
+        if held_out(i, calibration_fraction):
+            kept.append((i, img))
+            continue
         try:
             accumulate(ex, accs, img)
         except NonFiniteStatisticsError as e:
-            raise NonFiniteStatisticsError(f"statistics refused: image {n_images}: {e}") from None
+            raise NonFiniteStatisticsError(f"statistics refused: image {i}: {e}") from None
         n_images += 1
-    return fit_statistics(ex, accs, n_images=n_images, shrinkage=shrinkage, ridge=ridge,
-                          max_condition=max_condition, started=started, meta=meta)
+    reason = None if kept else NO_HOLD_OUT
+    if kept and not n_images:                             # e.g. one image: nothing left for the Gaussian
+        reason = ALL_HELD_OUT
+        for i, img in kept:
+            try:
+                accumulate(ex, accs, img)
+            except NonFiniteStatisticsError as e:
+                raise NonFiniteStatisticsError(f"statistics refused: image {i}: {e}") from None
+            n_images += 1
+        kept = []
+    scorer = fit_statistics(ex, accs, n_images=n_images, shrinkage=shrinkage, ridge=ridge,
+                            max_condition=max_condition, started=started, meta=meta)
+    if not kept:
+        return mark_uncalibrated(scorer, reason, fraction=calibration_fraction, border_margin=border_margin)
+    cal = ThresholdCalibrator(ex, scorer, border_margin=border_margin)
+    for i, img in kept:
+        try:
+            cal.add(img, i)
+        except NonFiniteStatisticsError as e:
+            raise NonFiniteStatisticsError(f"statistics refused: image {i}: {e}") from None
+    return cal.apply(calibration_fraction)
 
 
 def fit_statistics(extractor: FeatureExtractor, accs: Mapping[str, GaussianAccumulator], *, n_images: int,
@@ -378,12 +616,13 @@ def fit_statistics(extractor: FeatureExtractor, accs: Mapping[str, GaussianAccum
                    started: Optional[float] = None, meta: Optional[dict] = None) -> MahalanobisScorer:
     """The statistics of accumulators filled by :func:`accumulate`, with the standard fit metadata.
 
-    The one fit step behind :func:`fit_flow` and ``robustness-diag fit``. Metadata (besides what
-    :meth:`MahalanobisScorer.from_accumulators` records): ``checkpoint`` (the flow's file), ``checkpoint_digest``,
-    ``flow_scale``/``flow_family``/``flow_coupling``, ``input`` (``"lr"``: the images were the LR inputs),
-    ``n_images``, ``n_failed``/``failed`` (images that could not be used), ``images`` (the input paths, if known),
-    ``features`` (:meth:`FeatureExtractor.describe`), ``device``, ``created`` (UTC, ISO 8601) and ``fit_seconds``
-    (since ``started``, a ``time.time()`` value; 0.0 without it); ``meta`` overrides any of them.
+    The one fit step behind :func:`fit_flow` and ``robustness-diag fit`` (both then calibrate the threshold with
+    :class:`ThresholdCalibrator`). Metadata (besides what :meth:`MahalanobisScorer.from_accumulators` records):
+    ``checkpoint`` (the flow's file), ``checkpoint_digest``, ``flow_scale``/``flow_family``/``flow_coupling``,
+    ``input`` (``"lr"``: the images were the LR inputs), ``n_images`` (images in the Gaussian), ``n_failed``/``failed``
+    (images that could not be used), ``images`` (the input paths, if known), ``features``
+    (:meth:`FeatureExtractor.describe`), ``device``, ``created`` (UTC, ISO 8601) and ``fit_seconds`` (since
+    ``started``, a ``time.time()`` value; 0.0 without it); ``meta`` overrides any of them.
     """
     import time
     from datetime import datetime, timezone
@@ -415,7 +654,8 @@ def extractor_for(flow, scorer: MahalanobisScorer, options: Optional[FeatureOpti
     levels = list(opts.levels) if opts.levels else scorer.level_names
     ch = scorer.meta.get("channels")
     return FeatureExtractor(flow, FeatureOptions(levels=levels, channels=ch, tile=opts.tile, margin=opts.margin,
-                                                 batch=opts.batch, pad_mode=opts.pad_mode))
+                                                 batch=opts.batch, pad_mode=opts.pad_mode,
+                                                 whole_max_pixels=opts.whole_max_pixels))
 
 
 def score_maps(flow, scorer: MahalanobisScorer, lr: torch.Tensor,
@@ -454,15 +694,23 @@ def nonfinite_score_reason(level: str, agg: Mapping[str, float], score_map, lr: 
             f"non-finite) {cause}")
 
 
-def aggregate(score_map, threshold: float) -> dict[str, float]:
-    """Image-level aggregates of a distance map (any shape): ``mean``, ``p95``, ``p99`` (linear-interpolated
-    percentiles), ``max`` and ``frac_above`` (fraction of positions with distance > ``threshold``). NaN/Inf positions
-    count as above the threshold and are ignored by the other statistics (all-NaN -> NaN)."""
-    a = score_map.detach().cpu().double().numpy().ravel() if isinstance(score_map, torch.Tensor) \
-        else np.asarray(score_map, dtype=np.float64).ravel()
-    finite = np.isfinite(a)
+def aggregate(score_map, threshold: float, border_margin: int = DEFAULT_BORDER_MARGIN) -> dict[str, float]:
+    """Image-level aggregates of a distance map ``[..., h, w]``: ``mean``, ``p95``, ``p99`` (linear-interpolated
+    percentiles), ``max`` and ``frac_above`` (fraction of positions with distance > ``threshold``), over the positions
+    at least ``border_margin`` positions from the map's edge (:func:`~.borders.interior_mask`; the conditioner's zero
+    padding lifts the scores of border positions on clean images, see :mod:`.borders`). 0: every position (any
+    shape); a map too small to keep anything is used whole. NaN/Inf positions count as above the threshold and are
+    ignored by the other statistics (all-NaN -> NaN)."""
+    a = score_map.detach().cpu().double().numpy() if isinstance(score_map, torch.Tensor) \
+        else np.asarray(score_map, dtype=np.float64)
     if a.size == 0:
         raise ValueError("empty score map")
+    if border_margin:
+        if a.ndim < 2:
+            raise ValueError(f"a border margin needs a map [..., h, w], got shape {a.shape}; pass border_margin=0")
+        a = a[..., interior_mask(a.shape[-2], a.shape[-1], int(border_margin))]
+    a = a.ravel()
+    finite = np.isfinite(a)
     frac = float(np.mean(~finite | (a > threshold)))
     f = a[finite]
     if f.size == 0:

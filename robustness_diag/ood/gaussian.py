@@ -82,7 +82,7 @@ class GaussianAccumulator:
             mb = a.mean(0)
             a = a - mb
             q = (a * a).sum(1)                      # |x_k - m_b|^2
-            self._merge(nb, mb, a.T @ a, q @ a, (q * q).sum())
+            self.merge_moments(nb, mb, a.T @ a, q @ a, (q * q).sum())
         return self
 
     def merge(self, other: "GaussianAccumulator") -> "GaussianAccumulator":
@@ -93,6 +93,13 @@ class GaussianAccumulator:
             self._merge(other.n, other.mean.to(self.device), other.m2.to(self.device), other.t3.to(self.device),
                         other.q4.to(self.device))
         return self
+
+    def merge_moments(self, n: int, mean, m2, t3, q4) -> None:
+        """Adds a part given by its moments: ``n`` vectors, their mean ``mean`` ``[D]`` and, about it, the scatter
+        ``m2`` ``[D, D]``, ``t3`` ``[D]`` and ``q4`` (scalar), as in the module docstring; float64 tensors on the
+        accumulator's device. The one Chan update behind :meth:`update` (per chunk) and :meth:`merge`, so parts
+        computed elsewhere and merged in the same order give bitwise the same moments."""
+        self._merge(n, mean, m2, t3, q4)
 
     @staticmethod
     def _shift(n, m2, t3, q4, v):

@@ -73,9 +73,9 @@ def test_stitched_features_equal_whole_image_features_with_receptive_field_margi
     flow = tiny_flow().double()
     lr = torch.rand(1, 3, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     rf = receptive_field(flow, LEVELS)
-    ex = FeatureExtractor(flow, FeatureOptions(levels=LEVELS, tile=16, margin=rf, batch=4))
-    assert ex.describe()["stitch_exact"] and len(plan_tiles(*pad_to_multiple(lr, ex.align)[0].shape[-2:], 16, rf,
-                                                            ex.align)) > 4
+    ex = FeatureExtractor(flow, FeatureOptions(levels=LEVELS, tile=16, margin=rf, batch=4, whole_max_pixels=0))
+    assert ex.describe()["stitch_exact"] and ex.n_tiles(h, w) > 4
+    assert FeatureExtractor(flow, FeatureOptions(levels=LEVELS, tile=16)).n_tiles(h, w) == 1   # within one window
     tiled = ex.features(lr)
     full = _full(flow, lr, ex.align)
     for k in LEVELS:
@@ -95,7 +95,7 @@ def test_too_small_margin_changes_features_so_the_check_can_fail():
     flow = tiny_flow().double()
     lr = torch.rand(1, 3, 40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     ex = FeatureExtractor(flow, FeatureOptions(levels=["fea_up1"], tile=16, margin=2))
-    assert not ex.describe()["stitch_exact"]
+    assert not ex.describe()["stitch_exact"] and ex.n_tiles(40, 40) == 9
     diff = (ex.features(lr)["fea_up1"] - _full(flow, lr, ex.align)["fea_up1"]).abs().max()
     assert float(diff) > 1e-6
 
@@ -109,7 +109,8 @@ def test_stitched_distance_maps_equal_untiled_maps():
     lr = torch.rand(1, 3, 45, 38, dtype=torch.float64, generator=g)
     rf = receptive_field(flow, ["fea_up1"])
     whole = FeatureExtractor(flow, FeatureOptions(tile=512)).distance_maps(lr, scorer)["fea_up1"]
-    tiled = FeatureExtractor(flow, FeatureOptions(tile=12, margin=rf, batch=2)).distance_maps(lr, scorer)["fea_up1"]
+    tiled = FeatureExtractor(flow, FeatureOptions(tile=12, margin=rf, batch=2, whole_max_pixels=0)).distance_maps(
+        lr, scorer)["fea_up1"]
     assert whole.shape == (45, 38)
     assert float((whole - tiled).abs().max()) < 1e-5   # maps are float32
 
@@ -117,3 +118,44 @@ def test_stitched_distance_maps_equal_untiled_maps():
 def test_iter_tiled_needs_one_image():
     with pytest.raises(ValueError, match="one image"):
         list(iter_tiled(torch.zeros(2, 3, 4, 4), lambda w: {}, plan_tiles(4, 4, 4, 0), {}))
+
+
+def test_whole_image_rule_bounds_memory_by_one_window():
+    # 12x4 with tile 4 and margin 2: the image (48 px) is smaller than one window (8x8 = 64 px): one piece
+    assert len(plan_tiles(12, 4, 4, 2)) == 3 and len(plan_tiles(12, 4, 4, 2, whole_max_pixels=64)) == 1
+    assert len(plan_tiles(12, 8, 4, 2, whole_max_pixels=64)) == 6                   # 96 px > 64: tiled
+    flow = tiny_flow()
+    ex = FeatureExtractor(flow, FeatureOptions(tile=16))                             # margin = rf = 32
+    assert ex.margin == ex.rf == 32 and ex.whole_max_pixels == (16 + 2 * 32) ** 2 and ex.exact
+    assert ex.n_tiles(80, 80) == 1 and ex.n_tiles(80, 82) == 5 * 6                  # 6400 px fit, 6560 do not
+    d = ex.describe()
+    assert d["margin_source"] == "receptive field" and d["stitch_exact"] and d["whole_max_pixels"] == 6400
+    small = FeatureExtractor(flow, FeatureOptions(tile=16, margin=3))                # rounded up to the alignment
+    assert small.margin == 4 and not small.exact and small.describe()["margin_source"] == "given"
+
+
+@pytest.mark.parametrize("h,w,whole_image", [(40, 46, True), (96, 100, False)])
+def test_stitching_error_is_the_error_of_the_checked_box(h, w, whole_image):
+    """The measured error equals |stitched - whole-image| over the documented box (the whole image when it is within
+    (2 x 16 + 2 x receptive field)^2 pixels), and is ~0 with an exact margin."""
+    from robustness_diag.ood import fit_flow
+    flow = tiny_flow().double()
+    g = torch.Generator().manual_seed(5)
+    scorer = fit_flow(flow, [torch.rand(3, 20, 24, dtype=torch.float64, generator=g) for _ in range(3)])
+    scorer.compute_dtype = torch.float64
+    lr = torch.rand(1, 3, h, w, dtype=torch.float64, generator=g)
+    full = FeatureExtractor(flow, FeatureOptions(tile=512)).distance_maps(lr, scorer)["fea_up1"]
+    ex = FeatureExtractor(flow, FeatureOptions(tile=16, margin=2))
+    maps = ex.distance_maps(lr, scorer)
+    err = ex.stitching_error(lr, scorer, maps)
+    y0, y1, x0, x1 = err["box"]
+    assert err["whole_image"] is whole_image
+    assert (y0, y1, x0, x1) == ((0, h, 0, w) if whole_image else (0, 32, 0, 32))   # 16 px around corner (16, 16)
+    ref = float((maps["fea_up1"][y0:y1, x0:x1] - full[y0:y1, x0:x1]).abs().max())
+    assert ref > 1e-4 and err["levels"]["fea_up1"]["max_abs"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    assert err["levels"]["fea_up1"]["positions"] == (y1 - y0) * (x1 - x0)
+    if whole_image:                                                # (the larger image: too slow for twice)
+        exact = FeatureExtractor(flow, FeatureOptions(tile=16, whole_max_pixels=0))
+        e2 = exact.stitching_error(lr, scorer, exact.distance_maps(lr, scorer))
+        assert e2["levels"]["fea_up1"]["max_abs"] < 1e-5
+    assert FeatureExtractor(flow, FeatureOptions(tile=128)).stitching_error(lr, scorer, maps) is None  # one piece

@@ -82,8 +82,10 @@ def test_save_load_round_trip_keeps_statistics_and_metadata(tmp_path):
     m = back.meta
     assert m["checkpoint_digest"] == "ab" * 32 and m["shrinkage"] == "ledoit_wolf"
     assert m["pixel_count"] == {"fea_up1": 3000} and m["levels"] == ["fea_up1"]
-    assert m["format_version"] == 1 and m["package_version"]
-    assert back.threshold() == pytest.approx(chi_quantile(0.99, 10))
+    assert m["format_version"] == 2 and m["package_version"]
+    assert back.threshold() == pytest.approx(chi_quantile(0.99, 10))      # no calibration: the chi quantile
+    info = back.threshold_info()
+    assert info["calibrated"] is False and info["source"].startswith("chi quantile 0.99 with 10 degrees of freedom")
     assert torch.equal(back.distance(x[:20].float()), sc.distance(x[:20].float()))
     # header readable without torch: flat keys for humans
     from safetensors import safe_open

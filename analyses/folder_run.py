@@ -82,6 +82,10 @@ class FolderRunConfig:
         decode: file -> decoded object handed to the callback (default :func:`read_image`).
         checkpoint_seconds: how often run.json is refreshed while running.
         unit: progress-bar unit.
+        executor: None (the default) processes the files one after the other in this process
+            (:func:`process_item`); else ``executor(items) -> iterator of (item, row)`` produces the rows of the
+            files to process, in their order, each a :func:`process_item` row (an engine running the work elsewhere,
+            :mod:`.engines`); the loop writes them exactly as its own.
     """
 
     out_dir: Optional[str] = None
@@ -95,6 +99,7 @@ class FolderRunConfig:
     decode: Callable[[Path], Any] = read_image
     checkpoint_seconds: float = 30.0
     unit: str = "img"
+    executor: Optional[Callable[[list], Any]] = None
 
 
 @dataclass
@@ -481,30 +486,10 @@ def _run_folder(items, process, columns, cfg: FolderRunConfig, extra_info) -> Fo
     last_checkpoint = time.time()
     retried = False
     write_run_json("running")
+    rows = (cfg.executor(todo) if cfg.executor is not None
+            else ((it, process_item(it, process, cfg.decode)) for it in todo))
     try:
-        for it in todo:
-            t0 = time.perf_counter()
-            row: dict = {"path": it.key}
-            notes: list = []
-            try:
-                decoded = cfg.decode(it.path)
-                notes += list(getattr(decoded, "notes", []) or [])
-                values = dict(process(it, decoded) or {})
-                extra_notes = values.pop("notes", None)
-                if extra_notes:
-                    notes += [extra_notes] if isinstance(extra_notes, str) else list(extra_notes)
-                row.update(values)
-                row["status"] = "ok"
-                row["error"] = ""
-            except ImageReadError as e:
-                row.update(status="error", error=e.reason)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as e:  # any failure of one file becomes its error row; the run goes on
-                msg = str(e).replace("\n", " ") or type(e).__name__
-                row.update(status="error", error=f"{type(e).__name__}: {msg}")
-            row["notes"] = "; ".join(notes)
-            row["seconds"] = round(time.perf_counter() - t0, 4)
+        for it, row in rows:
             if it.key in status:
                 retried = True
             status[it.key] = {k: _fmt(v) for k, v in row.items()}
@@ -520,10 +505,13 @@ def _run_folder(items, process, columns, cfg: FolderRunConfig, extra_info) -> Fo
             if time.time() - last_checkpoint > cfg.checkpoint_seconds:
                 write_run_json("running")
                 last_checkpoint = time.time()
-    except KeyboardInterrupt:
+    except BaseException:            # Ctrl-C, or an engine that lost its cluster: run.json says "interrupted"
         result.interrupted = True
         raise
     finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()                  # an executor's generator: its clean-up (workers released) runs now
         bar.close()
         if fh is not None:
             fh.close()
@@ -534,6 +522,72 @@ def _run_folder(items, process, columns, cfg: FolderRunConfig, extra_info) -> Fo
         result.seconds = time.time() - started
         write_run_json("interrupted" if result.interrupted else "finished")
     return result
+
+
+def process_item(item: ImageItem, process: "ProcessFn", decode: Callable[[Path], Any]) -> dict:
+    """The row of one file (not yet formatted): ``path``, ``status``, ``error``, the callback's values, ``notes``
+    and ``seconds``. ``decode(item.path)`` then ``process(item, decoded)``; a decoding error gives its reason, any
+    other exception ``"<Type>: <message>"`` (one line), and never stops the caller. Shared by the loop and the
+    engines' workers (:mod:`.engines`), so a row does not depend on where it was computed."""
+    t0 = time.perf_counter()
+    row: dict = {"path": item.key}
+    notes: list = []
+    try:
+        decoded = decode(item.path)
+        notes += list(getattr(decoded, "notes", []) or [])
+        values = dict(process(item, decoded) or {})
+        extra_notes = values.pop("notes", None)
+        if extra_notes:
+            notes += [extra_notes] if isinstance(extra_notes, str) else list(extra_notes)
+        row.update(values)
+        row["status"] = "ok"
+        row["error"] = ""
+    except ImageReadError as e:
+        row.update(status="error", error=e.reason)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # any failure of one file becomes its error row; the run goes on
+        msg = str(e).replace("\n", " ") or type(e).__name__
+        row.update(status="error", error=f"{type(e).__name__}: {msg}")
+    row["notes"] = "; ".join(notes)
+    row["seconds"] = round(time.perf_counter() - t0, 4)
+    return row
+
+
+@dataclass
+class PreparedRun:
+    """A folder command ready to run its loop: what a command's ``prepare(config)`` builds once (flow loaded,
+    statistics read, columns known) and :func:`run_folder` then uses per file. An engine (:mod:`.engines`) builds one
+    per worker from the same ``prepare``, so every worker runs the command's own per-image code.
+
+    Attributes:
+        items: the files, in processing order (empty on a worker: the driver sends them one by one).
+        work: ``(item, decoded) -> {column: value}`` (see :func:`run_folder`).
+        columns: the command's columns. folder: the loop's :class:`FolderRunConfig`.
+        extra: run.json extras (see :func:`run_folder`'s ``extra_info``).
+        timing: phase name -> seconds, added up by ``work`` (an engine adds its workers' seconds).
+        accumulators: streaming moments ``work`` adds to (``fit``: level -> accumulator), merged on the driver in
+            input order by an engine.
+        append_tables: files of ``folder.out_dir`` that ``work`` appends rows to (``sample_rows.csv``).
+        state, merge_state: a record ``work`` updates across images (e.g. the worst stitching error) and how to add
+            one image's record to it; an engine gives each image a fresh copy of the initial record on its worker and
+            merges the results in input order with ``merge_state(state, image_record)``.
+        before_loop: called with the output folder locked, before the loop (e.g. dropping orphaned rows).
+        finish: what the command does with the loop's result (``fit``: the statistics), if anything.
+    """
+
+    items: Sequence[ImageItem]
+    work: "ProcessFn"
+    columns: Sequence[str]
+    folder: FolderRunConfig
+    extra: Optional[Callable[[], Mapping[str, Any]]] = None
+    timing: dict = field(default_factory=dict)
+    accumulators: Optional[dict] = None
+    append_tables: tuple = ()
+    state: Optional[dict] = None
+    merge_state: Optional[Callable[[dict, dict], None]] = None
+    before_loop: Optional[Callable[[], None]] = None
+    finish: Optional[Callable[..., Any]] = None
 
 
 def _compact(path: Path, header: list) -> None:
@@ -557,5 +611,5 @@ def _write_rows(path: Path, header: list, rows) -> None:
 
 
 __all__ = ["FolderRunConfig", "FolderRunResult", "FolderRunError", "FolderLockedError", "DuplicateRowsError",
-           "run_folder", "read_table", "read_frame", "final_rows", "folder_lock", "LOCK_NAME", "versions",
-           "DecodedImage", "ImageItem"]
+           "PreparedRun", "run_folder", "process_item", "read_table", "read_frame", "final_rows", "folder_lock",
+           "LOCK_NAME", "versions", "DecodedImage", "ImageItem"]

@@ -79,9 +79,12 @@ def setup_errors() -> tuple:
 
 
 def config_record(cfg) -> dict:
-    """A command's dataclass configuration as a dict for ``run.json`` (the ``overlay_writer`` callable left out)."""
+    """A command's dataclass configuration as a dict for ``run.json`` (the ``overlay_writer`` callable left out, and
+    the ``engine`` when it is the local default, so a local run records what it always did)."""
     d = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
     d.pop("overlay_writer", None)
+    if isinstance(d.get("engine"), dict) and d["engine"].get("kind", "local") == "local":
+        d.pop("engine")
     return d
 
 

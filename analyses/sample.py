@@ -38,8 +38,8 @@ from robustness_diag.devices import DEFAULT_DEVICE
 from robustness_diag.exit_codes import EXIT_OK, EXIT_USAGE
 from robustness_diag.io import atomic_write, atomic_write_text
 
-from .folder_run import (FolderRunConfig, FolderRunError, FolderRunResult, final_rows, folder_lock, read_table,
-                         run_folder)
+from .engines import EngineOptions, execute
+from .folder_run import FolderRunConfig, FolderRunError, FolderRunResult, PreparedRun, final_rows, read_table
 from .inputs import InputOptions, config_record, decoder, flat_name, list_inputs, setup_errors, to_lr
 
 DETAIL_COLUMNS = ["path", "sample", "artifact_pixels", "artifact_fraction", "nan_pixels", "inf_pixels",
@@ -50,7 +50,8 @@ DETAIL_COLUMNS = ["path", "sample", "artifact_pixels", "artifact_fraction", "nan
 @dataclass
 class SampleConfig:
     """``robustness-diag sample``: see the module docstring. ``max_lr_pixels`` refuses larger LR images (sampling
-    is not tiled: a tile seam would change the sample); ``overlay_writer`` as in :class:`.score.ScoreConfig`."""
+    is not tiled: a tile seam would change the sample); ``overlay_writer`` and ``engine`` as in
+    :class:`.score.ScoreConfig`."""
 
     checkpoint: str
     out_dir: str
@@ -69,6 +70,7 @@ class SampleConfig:
     overwrite: bool = False
     progress: bool = True
     overlay_writer: Optional[Callable] = None
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
 
 @dataclass
@@ -109,7 +111,19 @@ def _detail_keep_ok(detail: Path, table: Path) -> None:
 
 
 def run(config: SampleConfig) -> SampleResult:
-    """Samples every image with detection; never raises for setup errors or bad files (see ``exit_code``)."""
+    """Samples every image with detection on ``config.engine``; never raises for setup errors or bad files (see
+    ``exit_code``)."""
+    try:
+        prepared, loop = execute(config, prepare)
+    except FolderRunError as e:                    # the tables, the lock, or the engine (Ray missing, no cluster)
+        return SampleResult(exit_code=EXIT_USAGE, error=str(e))
+    return prepared if loop is None else prepared.finish(loop)
+
+
+def prepare(config: SampleConfig, listing: bool = True):
+    """The setup of :func:`run` (flow loaded) and its per-image work, as a :class:`.folder_run.PreparedRun` whose
+    ``finish(loop)`` gives the :class:`SampleResult`; a :class:`SampleResult` (exit code 2) for a setup error.
+    ``listing`` False: the inputs are not listed (an engine's worker)."""
     import numpy as np
     import torch
 
@@ -130,7 +144,7 @@ def run(config: SampleConfig) -> SampleResult:
         flow = rd.load_flow(cfg.checkpoint, device=device).eval()
         digest = rd.weights_digest(flow)
         inp = cfg.inputs
-        items = list_inputs(inp)
+        items = list_inputs(inp) if listing else []
         out_dir = Path(cfg.out_dir)
     except setup_errors() as e:
         return SampleResult(exit_code=EXIT_USAGE, error=str(e))
@@ -220,21 +234,20 @@ def run(config: SampleConfig) -> SampleResult:
                              "thresholds": [cfg.lower, cfg.upper], "device": str(device)},
                 "phase_timing": {k: round(v, 3) for k, v in timing.items()}}
 
-    try:
-        with folder_lock(out_dir, "sample"):          # held from the preparation of sample_rows.csv to the end
-            if cfg.resume:
-                _detail_keep_ok(detail_path, out_dir / "samples.csv")
-            elif cfg.overwrite and detail_path.exists():
-                detail_path.unlink()
-            res = run_folder(items, work, columns,
-                             FolderRunConfig(out_dir=str(out_dir), csv_name="samples.csv", resume=cfg.resume,
-                                             retry_failed=cfg.retry_failed, overwrite=cfg.overwrite,
-                                             progress=cfg.progress, command="sample", config=config_record(cfg),
-                                             decode=decoder(inp)),
-                             extra_info=extra)
-    except FolderRunError as e:
-        return SampleResult(exit_code=EXIT_USAGE, error=str(e))
-    return SampleResult(exit_code=res.exit_code, run=res, out_dir=out_dir)
+    def before_loop():                 # with the folder locked, from the preparation of sample_rows.csv to the end
+        if cfg.resume:
+            _detail_keep_ok(detail_path, out_dir / "samples.csv")
+        elif cfg.overwrite and detail_path.exists():
+            detail_path.unlink()
+
+    def finish(loop) -> SampleResult:
+        return SampleResult(exit_code=loop.exit_code, run=loop, out_dir=out_dir)
+
+    folder = FolderRunConfig(out_dir=str(out_dir), csv_name="samples.csv", resume=cfg.resume,
+                             retry_failed=cfg.retry_failed, overwrite=cfg.overwrite, progress=cfg.progress,
+                             command="sample", config=config_record(cfg), decode=decoder(inp))
+    return PreparedRun(items, work, columns, folder, extra=extra, timing=timing, append_tables=(detail_path.name,),
+                       before_loop=before_loop, finish=finish)
 
 
 def _savez(path: Path, arrays: dict) -> None:
@@ -244,4 +257,4 @@ def _savez(path: Path, arrays: dict) -> None:
         np.savez_compressed(fh, **arrays)
 
 
-__all__ = ["SampleConfig", "SampleResult", "DETAIL_COLUMNS", "image_seed", "run"]
+__all__ = ["SampleConfig", "SampleResult", "DETAIL_COLUMNS", "image_seed", "run", "prepare"]

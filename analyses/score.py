@@ -1,11 +1,17 @@
 r"""The score pipeline over image folders: ``run(ScoreConfig) -> ScoreResult``.
 
 Per image: per-position Mahalanobis distance maps at the feature grid (distance, not squared), image aggregates
-(mean, p95, p99, max, fraction above the threshold) as one CSV row of ``scores.csv`` appended as produced
-(:mod:`.folder_run`), and optionally the maps as ``maps/<name>.<level>.npy`` (float32 ``[h, w]`` at the feature grid)
-plus colour-mapped overlays at HR size (``maps/<name>.<level>.png``); ``run.json`` records config, versions and
-timing. ``<name>`` is :func:`.inputs.flat_name` of the image key: the whole key (extension and folders included),
-percent-escaped, plus a digest of it (``sub/a.png`` -> ``sub%2Fa.png~<8 hex>``), so no two inputs share a map file
+(mean, p95, p99, max, fraction above the threshold) over the positions at least ``border_margin`` from the border
+(:func:`robustness_diag.ood.aggregate`) as one CSV row of ``scores.csv`` appended as produced (:mod:`.folder_run`),
+and optionally the maps as ``maps/<name>.<level>.npy`` (float32 ``[h, w]`` at the feature grid, every position)
+plus colour-mapped overlays at HR size (``maps/<name>.<level>.png``); ``run.json`` records config, versions,
+timing, each level's threshold and where it comes from (calibrated at fit time, or the chi-quantile fallback of
+statistics without a calibration, which is also said in a one-line warning), the border margin, and the stitching:
+exact (the default margin, the receptive field, or images processed whole) or, with a smaller ``margin``, the error
+of every tiled image's maps measured against an exact computation
+(:meth:`robustness_diag.ood.FeatureExtractor.stitching_error`; also printed). ``<name>`` is
+:func:`.inputs.flat_name` of the image key: the whole key (extension and folders included), percent-escaped, plus a
+digest of it (``sub/a.png`` -> ``sub%2Fa.png~<8 hex>``), so no two inputs share a map file
 and :func:`.inputs.name_key` gives the key back. The output folder is locked while the run writes into it
 (:func:`.folder_run.folder_lock`): a second run into it is refused (exit code 2).
 
@@ -17,6 +23,7 @@ passes (the CLI passes :func:`robustness_diag.reports.overlays.save_overlay`). F
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +31,10 @@ from typing import Callable, Optional, Sequence
 
 from robustness_diag.devices import DEFAULT_DEVICE
 from robustness_diag.exit_codes import EXIT_OK, EXIT_USAGE
+from robustness_diag.ood import DEFAULT_BORDER_MARGIN
 
-from .folder_run import FolderRunConfig, FolderRunError, FolderRunResult, run_folder
+from .engines import EngineOptions, execute
+from .folder_run import FolderRunConfig, FolderRunError, FolderRunResult, PreparedRun
 from .inputs import InputOptions, config_record, decoder, flat_name, list_inputs, setup_errors, to_lr
 
 
@@ -37,14 +46,19 @@ class ScoreConfig:
         checkpoint, stats, out_dir: the flow, the statistics file, the output folder.
         save_maps: write ``maps/<name>.<level>.npy`` (feature grid) and ``maps/<name>.<level>.png`` overlays (HR
             size); ``<name>`` is :func:`.inputs.flat_name` of the image key.
-        threshold: per-position threshold for ``frac_above`` (None: the statistics' default per level).
+        threshold: per-position threshold for ``frac_above`` (None: the statistics' threshold per level, calibrated
+            at fit time; the chi quantile for statistics without a calibration).
         levels: score a subset of the fitted levels (None: all; the first is the primary one, unprefixed columns).
         map_range: colour scale of overlays (None: median in-distribution distance to twice the threshold).
         overlay_max_side: downsize overlay PNGs beyond this side length.
         compute_dtype: "float32" (default) or "float64".
+        tile, margin, batch: tiling (:class:`robustness_diag.ood.FeatureOptions`; margin None = the receptive
+            field, exact). border_margin: positions left out of the aggregates at the border (0: all).
         resume, retry_failed, overwrite, progress: see :class:`FolderRunConfig`.
         overlay_writer: ``(path, image [3,H,W], map [H,W], vmin=, vmax=, max_side=)`` writing a PNG (the CLI passes
             :func:`robustness_diag.reports.overlays.save_overlay`); None = no PNGs.
+        engine: where the per-image work runs (:class:`.engines.EngineOptions`: here, or on Ray workers; the rows
+            are the same).
     """
 
     checkpoint: str
@@ -59,13 +73,15 @@ class ScoreConfig:
     compute_dtype: str = "float32"
     tile: int = 256
     margin: Optional[int] = None
-    batch: int = 2
+    batch: int = 1
+    border_margin: int = DEFAULT_BORDER_MARGIN
     device: str = DEFAULT_DEVICE
     resume: bool = False
     retry_failed: bool = False
     overwrite: bool = False
     progress: bool = True
     overlay_writer: Optional[Callable] = None
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
 
 @dataclass
@@ -77,15 +93,28 @@ class ScoreResult:
     error: Optional[str] = None
     run: Optional[FolderRunResult] = None
     out_dir: Optional[Path] = None
+    notes: list = field(default_factory=list)
 
     def summary(self) -> str:
         if self.error:
             return f"error: {self.error}"
-        return self.run.summary("scored")
+        return "\n".join([self.run.summary("scored")] + list(self.notes))
 
 
 def run(config: ScoreConfig) -> ScoreResult:
-    """Scores every image (see the module docstring); never raises for setup errors or bad files."""
+    """Scores every image (see the module docstring) on ``config.engine``; never raises for setup errors or bad
+    files."""
+    try:
+        prepared, loop = execute(config, prepare)
+    except FolderRunError as e:                    # the table, the lock, or the engine (Ray missing, no cluster)
+        return ScoreResult(exit_code=EXIT_USAGE, error=str(e))
+    return prepared if loop is None else prepared.finish(loop)
+
+
+def prepare(config: ScoreConfig, listing: bool = True):
+    """The setup of :func:`run` (flow and statistics loaded and checked) and its per-image work, as a
+    :class:`.folder_run.PreparedRun` whose ``finish(loop)`` gives the :class:`ScoreResult`; a :class:`ScoreResult`
+    (exit code 2) for a setup error. ``listing`` False: the inputs are not listed (an engine's worker)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -95,6 +124,8 @@ def run(config: ScoreConfig) -> ScoreResult:
     from robustness_diag.ood import AGGREGATES, FeatureOptions, MahalanobisScorer, aggregate, chi_quantile, \
         extractor_for, upsample_map
     from robustness_diag.ood import NonFiniteStatisticsError, nonfinite_score_reason
+    from robustness_diag.ood.features import STITCH_CHECK_HALF
+    from robustness_diag.text import printable
 
     cfg = config
     timing = {"load_seconds": 0.0, "score_seconds": 0.0, "maps_seconds": 0.0}
@@ -109,6 +140,8 @@ def run(config: ScoreConfig) -> ScoreResult:
         scorer.check_digest(digest, f"checkpoint {cfg.checkpoint}")
         if cfg.compute_dtype not in ("float32", "float64"):
             raise ValueError(f"compute dtype must be float32 or float64, got {cfg.compute_dtype!r}")
+        if int(cfg.border_margin) < 0:
+            raise ValueError(f"border margin must be >= 0, got {cfg.border_margin}")
         scorer.compute_dtype = getattr(torch, cfg.compute_dtype)
         scorer = scorer.to(device)
         levels = list(cfg.levels) if cfg.levels else scorer.level_names
@@ -126,14 +159,35 @@ def run(config: ScoreConfig) -> ScoreResult:
         inp = cfg.inputs
         fitted_hr = scorer.meta.get("input") == "hr"
         from_hr = fitted_hr if inp.from_hr is None else bool(inp.from_hr)
-        items = list_inputs(inp)
+        items = list_inputs(inp) if listing else []
         out_dir = Path(cfg.out_dir)
     except setup_errors() as e:
         return ScoreResult(exit_code=EXIT_USAGE, error=str(e))
     timing["load_seconds"] = round(time.time() - t0, 3)
 
     primary = levels[0]
-    thresholds = {lv: float(cfg.threshold) if cfg.threshold is not None else scorer.threshold(lv) for lv in levels}
+    sources = {}
+    for lv in levels:
+        info = scorer.threshold_info(lv)
+        sources[lv] = ({"value": float(cfg.threshold), "calibrated": None, "source": "given (--threshold)"}
+                       if cfg.threshold is not None else info)
+    thresholds = {lv: sources[lv]["value"] for lv in levels}
+    border = int(cfg.border_margin)
+    warnings = []
+    fallback = [lv for lv in levels if sources[lv]["calibrated"] is False]
+    if fallback:
+        warnings.append(f"warning: {cfg.stats}: no calibrated threshold for {', '.join(fallback)}; frac_above uses "
+                        f"the {sources[fallback[0]]['source']}")
+    cal_margins = {sources[lv].get("border_margin") for lv in levels if sources[lv]["calibrated"]}
+    if cal_margins and cal_margins != {border}:
+        warnings.append(f"warning: the threshold was calibrated with border margin {', '.join(map(str, cal_margins))}"
+                        f" but this run leaves out {border}: frac_above is not at its calibrated rate")
+    if not ex.exact:
+        warnings.append(f"warning: tile margin {ex.margin} < the flow's receptive field {ex.rf} LR px: tiled images "
+                        f"are not scored exactly; the error of each is measured and recorded (run.json 'stitching')")
+    for w in warnings:
+        print(printable(w), file=sys.stderr)
+    stitch = {"tiled_images": 0, "checked_whole": 0, "max_abs": {}, "max_rel": {}, "worst_image": {}}
     vmin, vmax = cfg.map_range if cfg.map_range else (chi_quantile(0.5, scorer.levels[primary].dim),
                                                       2.0 * thresholds[primary])
     scale = int(flow.config.scale)
@@ -156,8 +210,17 @@ def run(config: ScoreConfig) -> ScoreResult:
         row = {"level": primary, "width": decoded.width, "height": decoded.height, "lr_width": int(lr.shape[-1]),
                "lr_height": int(lr.shape[-2]), "threshold": thresholds[primary]}
         nonfinite = 0
+        if not ex.exact:
+            err = ex.stitching_error(lr, scorer, maps)
+            if err is not None:
+                stitch["tiled_images"] += 1
+                stitch["checked_whole"] += int(err["whole_image"])
+                for lv, e in err["levels"].items():
+                    if e["max_abs"] >= stitch["max_abs"].get(lv, -1.0):
+                        stitch["max_abs"][lv], stitch["worst_image"][lv] = e["max_abs"], item.key
+                    stitch["max_rel"][lv] = max(stitch["max_rel"].get(lv, 0.0), e["max_rel"])
         for i, lv in enumerate(levels):
-            agg = aggregate(maps[lv], thresholds[lv])
+            agg = aggregate(maps[lv], thresholds[lv], border)
             reason = nonfinite_score_reason(lv, agg, maps[lv], lr, flow)
             if reason:                          # a NaN/Inf image score is this file's failure, not an ok row
                 raise NonFiniteStatisticsError(reason)
@@ -190,21 +253,55 @@ def run(config: ScoreConfig) -> ScoreResult:
                                "pixel_count": scorer.meta.get("pixel_count"),
                                "shrinkage": scorer.meta.get("shrinkage"), "input": scorer.meta.get("input"),
                                "n_images": scorer.meta.get("n_images")},
-                "scoring": {"levels": levels, "thresholds": thresholds, "from_hr": from_hr, "device": str(device),
+                "scoring": {"levels": levels, "thresholds": thresholds, "threshold_sources": sources,
+                            "border_margin": border, "from_hr": from_hr, "device": str(device),
                             "compute_dtype": cfg.compute_dtype, "features": ex.describe(),
-                            "overlay_scale": [vmin, vmax] if cfg.save_maps else None, "notes": notes_run},
+                            "stitching": stitching_record(),
+                            "overlay_scale": [vmin, vmax] if cfg.save_maps else None,
+                            "notes": notes_run + [w[len("warning: "):] for w in warnings]},
                 "phase_timing": {k: round(v, 3) for k, v in timing.items()}}
 
-    try:
-        loop = run_folder(items, work, columns,
-                          FolderRunConfig(out_dir=str(out_dir), csv_name="scores.csv", resume=cfg.resume,
-                                          retry_failed=cfg.retry_failed, overwrite=cfg.overwrite,
-                                          progress=cfg.progress, command="score", config=config_record(cfg),
-                                          decode=decoder(inp)),
-                          extra_info=extra)
-    except FolderRunError as e:
-        return ScoreResult(exit_code=EXIT_USAGE, error=str(e))
-    return ScoreResult(exit_code=loop.exit_code, run=loop, out_dir=out_dir)
+    def stitching_record():
+        if ex.exact:
+            return {"exact": True, "margin": ex.margin, "receptive_field": ex.rf,
+                    "method": "margin >= receptive field: tiled maps equal whole-image maps up to float rounding"}
+        return {"exact": False, "margin": ex.margin, "receptive_field": ex.rf, **stitch,
+                "method": f"per tiled image, max |stitched - exact| of the distance map; the exact map is computed "
+                          f"untiled on the whole image when its area is at most (2 x {STITCH_CHECK_HALF} + 2 x "
+                          f"receptive field)^2 LR px ('checked_whole' images: their largest error), else on the "
+                          f"positions within {STITCH_CHECK_HALF} LR px of the first interior tile corner grown by the "
+                          f"receptive field (a spot check: a lower bound of that image's largest error); images "
+                          f"processed whole are exact and not counted"}
+
+    def merge_stitch(into: dict, part: dict) -> None:
+        """Adds one image's ``stitch`` record (computed by an engine's worker) to ``into``, as ``work`` would."""
+        into["tiled_images"] += part["tiled_images"]
+        into["checked_whole"] += part.get("checked_whole", 0)
+        for lv, e in part["max_abs"].items():
+            if e >= into["max_abs"].get(lv, -1.0):
+                into["max_abs"][lv], into["worst_image"][lv] = e, part["worst_image"][lv]
+        for lv, e in part["max_rel"].items():
+            into["max_rel"][lv] = max(into["max_rel"].get(lv, 0.0), e)
+
+    def finish(loop) -> ScoreResult:
+        notes = [f"threshold {lv}: {thresholds[lv]:.4g} ({sources[lv]['source']})" for lv in levels]
+        notes.append(f"aggregates leave out {border} position(s) at the border" if border else
+                     "aggregates use every position (border margin 0)")
+        if not ex.exact:
+            st = stitching_record()
+            notes.append(f"stitching NOT exact (margin {ex.margin} < receptive field {ex.rf} LR px): "
+                         + (f"measured max |error| of the distance map on {st['tiled_images']} tiled image(s) "
+                        f"({st['checked_whole']} checked whole, the others at a tile corner): "
+                            + ", ".join(f"{lv} {v:.3g} (relative {st['max_rel'][lv]:.3g}, "
+                                        f"{printable(st['worst_image'][lv])})" for lv, v in st["max_abs"].items())
+                            if st["tiled_images"] else "no image needed tiles, all exact"))
+        return ScoreResult(exit_code=loop.exit_code, run=loop, out_dir=out_dir, notes=notes)
+
+    folder = FolderRunConfig(out_dir=str(out_dir), csv_name="scores.csv", resume=cfg.resume,
+                             retry_failed=cfg.retry_failed, overwrite=cfg.overwrite, progress=cfg.progress,
+                             command="score", config=config_record(cfg), decode=decoder(inp))
+    return PreparedRun(items, work, columns, folder, extra=extra, timing=timing, state=stitch,
+                       merge_state=merge_stitch, finish=finish)
 
 
 def _save_npy(path: Path, array) -> None:
@@ -214,4 +311,4 @@ def _save_npy(path: Path, array) -> None:
         np.save(fh, array)
 
 
-__all__ = ["ScoreConfig", "ScoreResult", "run"]
+__all__ = ["ScoreConfig", "ScoreResult", "run", "prepare"]

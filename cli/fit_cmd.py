@@ -12,9 +12,11 @@ from pathlib import Path
 
 from robustness_diag.devices import DEFAULT_DEVICE, DEVICE_HELP
 from robustness_diag.exit_codes import EXIT_USAGE
+from robustness_diag.ood import DEFAULT_BORDER_MARGIN, DEFAULT_CALIBRATION_FRACTION
 from robustness_diag.text import printable
 
 from . import options as opt
+from .engine_args import add_engine_arguments, engine_error, engine_options
 from .outputs import check_file, overwrite_help
 
 
@@ -49,11 +51,25 @@ def add_image_arguments(p: argparse.ArgumentParser, *, score: bool) -> None:
         f.add_argument("--level", dest="levels", action="append", metavar="NAME",
                        help="score only these fitted levels (repeatable; default all fitted levels)")
     f.add_argument("--tile", type=opt.positive_int, default=256, metavar="PX",
-                   help="tile size in LR pixels (an integer >= 1; default 256)")
+                   help="tile core size in LR pixels (an integer >= 1; default 256). Images whose area is at most "
+                        "one tile window, (tile + 2 margin)^2, are processed whole; larger ones in overlapping "
+                        "tiles. Peak memory ~ batch x (tile + 2 margin)^2 LR pixels of conditioner activations "
+                        "(SRFlow: about 4.8 KB per LR pixel, 4.3 GB per 950-px window at the defaults)")
     f.add_argument("--margin", type=opt.non_negative_int, default=None, metavar="PX",
-                   help="tile overlap in LR pixels (an integer >= 0; default: the receptive field, at most 96)")
-    f.add_argument("--batch", type=opt.positive_int, default=2, metavar="N",
-                   help="tiles per forward pass (an integer >= 1; default 2)")
+                   help="tile overlap in LR pixels (an integer >= 0; default: the flow's receptive field, e.g. 62 "
+                        "for the bundled flows, 347 for SRFlow, which makes tiled results exact). A smaller margin "
+                        "saves memory and time but is not exact"
+                        + ("; score then measures and reports the error of every tiled image's map"
+                           if score else ""))
+    f.add_argument("--batch", type=opt.positive_int, default=1, metavar="N",
+                   help="tiles per forward pass (an integer >= 1; default 1: memory grows with it)")
+    f.add_argument("--border-margin", type=opt.non_negative_int, default=DEFAULT_BORDER_MARGIN, metavar="N",
+                   help=(f"leave out positions closer than N to the image border from the image aggregates (mean, "
+                         f"p95, p99, max, frac_above); their features see the conditioner's zero padding and score "
+                         f"higher on clean images (an integer >= 0; default {DEFAULT_BORDER_MARGIN}, measured on "
+                         f"the bundled flows; 0: every position; maps are written whole)") if score else
+                        (f"when calibrating the threshold, leave out positions closer than N to the border, as score "
+                         f"does (an integer >= 0; default {DEFAULT_BORDER_MARGIN})"))
     f.add_argument("--device", type=opt.device, default=DEFAULT_DEVICE, help=DEVICE_HELP)
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -91,7 +107,10 @@ def add_parser(sub) -> None:
         description="Stream the conditioner features g(y) of every image through the flow's RRDB and fit one "
                     "Gaussian per feature level over all positions (float64, exact streaming merges), with OAS, "
                     "Ledoit-Wolf or relative-ridge shrinkage, and save them as a .safetensors statistics file that "
-                    "records the checkpoint digest, level, channels, pixel count and shrinkage.",
+                    "records the checkpoint digest, level, channels, pixel count and shrinkage. A share of the "
+                    "images (--calibration-fraction, every 5th by default) is held out of the Gaussian: their "
+                    "per-position distances give the threshold of score's frac_above (the empirical 0.99 "
+                    "quantile, stored with how it was obtained).",
         epilog="Exit codes: 0 all images used, 1 some images failed (listed; statistics written from the others), "
                "2 usage or setup error.\nExamples:\n"
                "  robustness-diag fit bundled:sr4x_affine --images train_lr/ --out stats.safetensors\n"
@@ -111,18 +130,28 @@ def add_parser(sub) -> None:
     s.add_argument("--max-condition", type=opt.float_range(1.0, low_open=True), default=1e10, metavar="K",
                    help="floor eigenvalues at lambda_max/K if the covariance is worse conditioned (a number > 1; "
                         "default 1e10)")
+    s.add_argument("--calibration-fraction", type=opt.float_range(0.0, 1.0, high_open=True),
+                   default=DEFAULT_CALIBRATION_FRACTION, metavar="F",
+                   help=f"share of the images held out of the Gaussian to calibrate the per-position threshold, "
+                        f"chosen deterministically (inputs 0, 5, 10, ... in listing order for 0.2; at least one when "
+                        f"there are two or more images); their interior distances' 0.99 quantile is stored as the "
+                        f"threshold (a number in [0, 1); default {DEFAULT_CALIBRATION_FRACTION:g}; 0: no hold-out, "
+                        f"the threshold is the chi quantile, which clean images exceed far more often than 1%%)")
+    add_engine_arguments(p)
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    err = check_common(args, "robustness-diag fit") or check_file(args.out, overwrite=args.overwrite)
+    err = (check_common(args, "robustness-diag fit") or check_file(args.out, overwrite=args.overwrite)
+           or engine_error(args, "robustness-diag fit"))
     if err:
         return opt.usage_error(err if err.startswith("robustness-diag") else f"robustness-diag fit: {err}")
     from robustness_diag.analyses.fit import FitConfig, run
     cfg = FitConfig(checkpoint=args.checkpoint, out=args.out, inputs=input_options(args), levels=args.levels,
                     channels=args.channels, shrinkage=args.shrinkage, ridge=args.ridge,
                     max_condition=args.max_condition, tile=args.tile, margin=args.margin, batch=args.batch,
-                    device=args.device, progress=not args.no_progress)
+                    calibration_fraction=args.calibration_fraction, border_margin=args.border_margin,
+                    device=args.device, progress=not args.no_progress, engine=engine_options(args))
     result = run(cfg)
     if result.exit_code == EXIT_USAGE:
         print(f"robustness-diag fit: {printable(result.error)}", file=sys.stderr)

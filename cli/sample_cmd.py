@@ -16,6 +16,7 @@ from robustness_diag.exit_codes import EXIT_USAGE
 from robustness_diag.text import printable
 
 from . import options as opt
+from .engine_args import add_engine_arguments, engine_error, engine_options
 from .fit_cmd import missing_inputs
 from .outputs import check_folder, overwrite_help, refuse_existing
 
@@ -68,6 +69,7 @@ def add_parser(sub) -> None:
     r.add_argument("--overwrite", action="store_true", help="replace existing tables in OUTDIR")
     o.add_argument("--retry-failed", action="store_true", help="with --resume: re-try files that failed")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_arguments(p)
     p.set_defaults(func=main)
 
 
@@ -83,6 +85,7 @@ def main(args) -> int:
         err = opt.check_order(prog, "--lower", args.lower, "--upper", args.upper)
     if not err and args.retry_failed and not args.resume:
         err = f"{prog}: --retry-failed needs --resume"
+    err = err or engine_error(args, prog)
     if not err:
         out_err = check_folder(args.out) or (None if (args.resume or args.overwrite) else
                                              refuse_existing(args.out, ["samples.csv", "sample_rows.csv"],
@@ -101,7 +104,7 @@ def main(args) -> int:
                        heat=args.heat, seed=args.seed, upper=args.upper, lower=args.lower, save_maps=args.save_maps,
                        save_samples=args.save_samples, max_lr_pixels=args.max_lr_pixels, device=args.device,
                        resume=args.resume, retry_failed=args.retry_failed, overwrite=args.overwrite,
-                       progress=not args.no_progress, overlay_writer=save_overlay)
+                       progress=not args.no_progress, overlay_writer=save_overlay, engine=engine_options(args))
     result = run(cfg)
     if result.exit_code == EXIT_USAGE:
         print(f"{prog}: {printable(result.error)}", file=sys.stderr)

@@ -65,7 +65,7 @@ def _bad_inputs(root):
     Image.fromarray(rgba).save(root / "alpha_rgba.png")
     Image.fromarray((smooth_rgb(20, 18, seed=6)[..., 0] * 255).astype(np.uint8)).save(root / "gray.jpg", quality=95)
     _png_header_only(root / "very_large.png", 60_000, 60_000)
-    write_png(root / "wide_tiled.png", smooth_rgb(20, 150, seed=7))    # larger than the tile below: tiled
+    write_png(root / "wide_tiled.png", smooth_rgb(20, 420, seed=7))    # larger than a tile window below: tiled
     return root
 
 
@@ -98,15 +98,22 @@ def test_fit_then_score_with_bad_inputs(tmp_path, ckpt):
     assert fr.exit_code == 0 and fr.error is None and stats.is_file()
     sc = MahalanobisScorer.load(stats)
     assert sc.meta["checkpoint_digest"] == rd.weights_digest(rd.load_flow(str(ckpt)))
-    assert sc.meta["pixel_count"] == {"fea_up1": sum((18 + 2 * i) * 22 for i in range(3))}
-    assert sc.meta["shrinkage"] == "ledoit_wolf" and sc.meta["input"] == "lr" and sc.meta["n_images"] == 3
+    # input 0 is held out of the Gaussian: its interior distances calibrate the threshold
+    assert sc.meta["pixel_count"] == {"fea_up1": sum((18 + 2 * i) * 22 for i in (1, 2))}
+    assert sc.meta["shrinkage"] == "ledoit_wolf" and sc.meta["input"] == "lr" and sc.meta["n_images"] == 2
+    cal = sc.meta["threshold_calibration"]
+    assert cal["status"] == "calibrated" and cal["held_out"] == [0] and cal["n_images"] == 1
+    m = rd.ood.DEFAULT_BORDER_MARGIN
+    assert cal["levels"]["fea_up1"]["n_positions"] == (18 - 2 * m) * (22 - 2 * m)
+    assert sc.threshold() == cal["levels"]["fea_up1"]["threshold"] and sc.threshold_info()["calibrated"]
+    assert "1 held-out image(s)" in fr.summary() and "(calibrated)" in fr.summary()
 
     bad = _bad_inputs(tmp_path / "inputs")
     out = tmp_path / "out"
     calls = []
     res = score.run(ScoreConfig(checkpoint=str(ckpt), stats=str(stats), out_dir=str(out),
                           inputs=InputOptions(images=[str(bad)], max_pixels=1_000_000, from_hr=None),
-                          save_maps=True, tile=64, batch=2, device="cpu", progress=False,
+                          save_maps=True, tile=16, batch=2, device="cpu", progress=False,
                           overlay_writer=_overlay_writer(calls)))
     assert res.exit_code == 1
     header, rows = read_table(out / "scores.csv")
@@ -121,10 +128,11 @@ def test_fit_then_score_with_bad_inputs(tmp_path, ckpt):
             assert 0 <= float(r["frac_above"]) <= 1 and r["level"] == "fea_up1"
             m = np.load(out / "maps" / f"{flat_name(name)}.fea_up1.npy")
             assert m.shape == (int(r["lr_height"]), int(r["lr_width"]))
-            assert float(r["mean"]) == pytest.approx(float(m.mean()), rel=1e-5)
+            inner = m[rd.ood.interior_mask(*m.shape, rd.ood.DEFAULT_BORDER_MARGIN)]   # aggregates: interior
+            assert float(r["mean"]) == pytest.approx(float(inner.mean()), rel=1e-5)
             png = Image.open(out / "maps" / f"{flat_name(name)}.fea_up1.png")
             assert png.size[0] == 4 * int(r["lr_width"]) and png.size[1] > 4 * int(r["lr_height"])  # + colour bar
-    assert by["wide_tiled.png"]["lr_width"] == "150"
+    assert by["wide_tiled.png"]["lr_width"] == "420"
     failed = {f["path"] for f in res.run.failed}
     assert failed == {k for k, v in EXPECTED.items() if v[0] == "error"}
     summary = res.summary()
@@ -132,7 +140,9 @@ def test_fit_then_score_with_bad_inputs(tmp_path, ckpt):
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "finished" and info["counts"]["ok"] == 4 and info["counts"]["failed"] == 5
     assert info["checkpoint"]["weights_digest"] == sc.meta["checkpoint_digest"]
-    assert info["scoring"]["features"]["tile"] == 64 and info["statistics"]["shrinkage"] == "ledoit_wolf"
+    assert info["scoring"]["features"]["tile"] == 16 and info["statistics"]["shrinkage"] == "ledoit_wolf"
+    assert info["scoring"]["stitching"]["exact"] is True              # margin = receptive field, though tiled
+    assert info["scoring"]["threshold_sources"]["fea_up1"]["calibrated"] is True
     assert {c[0] for c in calls} == {f"{flat_name(k)}.fea_up1.png" for k, v in EXPECTED.items()
                                      if v[0] == "ok"}
 
@@ -162,7 +172,7 @@ def test_scores_match_the_library_and_from_hr(tmp_path, ckpt):
     from robustness_diag.data.photos import downscale
     lr = downscale(read_image(train / "t0.png").image[None], 4)
     ref = rd.ood.score_maps(flow, sc, lr)["fea_up1"]
-    assert float(row["mean"]) == pytest.approx(float(ref.mean()), rel=1e-6)
+    assert float(row["mean"]) == pytest.approx(rd.ood.aggregate(ref, sc.threshold())["mean"], rel=1e-6)
 
 
 def test_setup_errors_exit_2(tmp_path, ckpt):

@@ -34,8 +34,30 @@ def test_fit_writes_statistics_with_options(setup, tmp_path, capsys):
     sc = MahalanobisScorer.load(out)
     assert sc.level_names == ["fea_up1", "fea_up0"] and sc.meta["channels"] == list(range(8))
     assert sc.meta["shrinkage"] == "ridge" and sc.meta["ridge"] == 0.01
-    assert sc.meta["pixel_count"] == {"fea_up1": 3 * 16 * 20, "fea_up0": 3 * 8 * 10}
+    assert sc.meta["pixel_count"] == {"fea_up1": 2 * 16 * 20, "fea_up0": 2 * 8 * 10}   # i0.png is held out
     assert sc.levels["fea_up1"].dim == 8
+    cal = sc.meta["threshold_calibration"]
+    assert cal["held_out"] == [0] and set(cal["levels"]) == {"fea_up1", "fea_up0"}
+    assert cal["levels"]["fea_up1"]["n_positions"] == (16 - 6) * (20 - 6)     # border margin 3 left out
+    assert cal["levels"]["fea_up0"]["n_positions"] == (8 - 6) * (10 - 6)
+    assert "Gaussian: 2 image(s); threshold calibration: 1 held-out image(s)" in text
+
+
+def test_fit_calibration_fraction_and_border_margin_options(setup, tmp_path, capsys):
+    ck, imgs = setup
+    out = tmp_path / "s.safetensors"
+    base = ["fit", str(ck), "--images", str(imgs), "--out", str(out), "--device", "cpu", "--no-progress"]
+    assert main(base + ["--calibration-fraction", "0"]) == 0
+    sc = MahalanobisScorer.load(out)
+    assert sc.meta["pixel_count"] == {"fea_up1": 3 * 16 * 20} and not sc.threshold_info()["calibrated"]
+    assert sc.meta["threshold_calibration"]["reason"].startswith("calibration fraction 0")
+    assert "threshold calibration: none (calibration fraction 0" in capsys.readouterr().out
+    assert main(base + ["--overwrite", "--calibration-fraction", "0.5", "--border-margin", "0"]) == 0
+    cal = MahalanobisScorer.load(out).meta["threshold_calibration"]
+    assert cal["held_out"] == [0, 2] and cal["levels"]["fea_up1"]["n_positions"] == 2 * 16 * 20
+    assert cal["levels"]["fea_up1"]["border_margin"] == 0 and cal["fraction"] == 0.5
+    assert main(base + ["--overwrite", "--calibration-fraction", "1"]) == 2
+    assert "--calibration-fraction: must be a number in [0, 1)" in capsys.readouterr().err
 
 
 def test_fit_exit_1_lists_failed_files(setup, tmp_path, capsys):
@@ -100,4 +122,6 @@ def test_api_and_command_write_the_same_statistics(setup, tmp_path):
     volatile = {"checkpoint", "images", "created", "fit_seconds"}          # paths and times
     assert {k: v for k, v in m_cli.items() if k not in volatile} == {k: v for k, v in m_api.items()
                                                                        if k not in volatile}
-    assert m_cli["n_images"] == 3 and m_cli["input"] == "lr" and m_cli["n_failed"] == 0
+    assert m_cli["n_images"] == 2 and m_cli["input"] == "lr" and m_cli["n_failed"] == 0
+    assert m_cli["threshold_calibration"]["status"] == "calibrated"       # the same threshold, both ways
+    assert m_cli["threshold_calibration"]["held_out"] == [0]

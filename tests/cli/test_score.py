@@ -47,12 +47,18 @@ def test_score_writes_table_maps_and_run_json(fitted, tmp_path, capsys):
                                                                        f"{a}.fea_up1.npy", f"{a}.fea_up1.png"])
     _, rows = read_table(out / "scores.csv")
     assert [r["path"] for r in rows] == ["b.png", "sub/a.png"]
-    m = np.load(out / "maps" / f"{a}.fea_up1.npy")
-    assert m.shape == (12, 14) and float(rows[1]["frac_above"]) == pytest.approx(float((m > 3.5).mean()))
+    m = np.load(out / "maps" / f"{a}.fea_up1.npy")                 # maps are whole; aggregates leave out
+    inner = m[rd.ood.interior_mask(12, 14, rd.ood.DEFAULT_BORDER_MARGIN)]   # the border margin
+    assert m.shape == (12, 14) and float(rows[1]["frac_above"]) == pytest.approx(float((inner > 3.5).mean()))
+    assert float(rows[1]["max"]) == pytest.approx(float(inner.max()), rel=1e-6)
     assert "16-bit" in rows[0]["notes"] and rows[0]["threshold"] == "3.5"
     info = json.loads((out / "run.json").read_text())
     assert info["command"] == "score" and info["scoring"]["overlay_scale"] is not None
     assert info["config"]["threshold"] == 3.5 and info["counts"]["ok"] == 2
+    sc = info["scoring"]
+    assert sc["border_margin"] == rd.ood.DEFAULT_BORDER_MARGIN and sc["threshold_sources"]["fea_up1"]["source"] \
+        == "given (--threshold)"
+    assert sc["stitching"]["exact"] is True and sc["features"]["margin"] >= sc["features"]["receptive_field"]
 
 
 def test_score_exit_1_names_failures_and_resume(fitted, tmp_path, capsys):

@@ -2,8 +2,12 @@
 
 Static checks (what ``inspect`` reports plus the inverse slopes the conditioner produces on in-distribution inputs),
 an OOD fit on in-distribution inputs, a stress suite of documented degradations at several severities, an adversarial
-search for the LR input that makes the inverse explode, and a verdict (robust / at risk / failing) with reasons and a
-recommended OOD-score threshold for gating inputs - all in OUT/report.html (+ audit.json, metrics.json, CSVs).
+search (two objectives: the inverse slope and out-of-range output) with a best-of-N random baseline, and a verdict
+with reasons and a recommended OOD-score threshold for gating inputs - all in OUT/report.html (+ audit.json,
+metrics.json, CSVs). Verdicts, worst first: 'fails on clean inputs', 'exploding inverse' (non-finite output or an
+inverse slope at the coupling's 1/eps bound), 'out-of-range artifacts' (more than 5% of a test's samples flagged by
+the paper's per-image criterion: any pixel > 1.5, < -0.5 or non-finite), 'rare out-of-range artifacts', 'no
+artifacts found' (with the upper bound of the rate); every reason gives its rate with N and interval.
 
 Without CKPT it audits the two bundled 4X flows (affine and RQ-spline couplings) side by side.
 Running again with the same --out resumes a half-finished audit: its cache is keyed by every setting the results
@@ -21,6 +25,7 @@ from robustness_diag.exit_codes import EXIT_FAILED, EXIT_OK
 from robustness_diag.text import printable
 
 from . import options as opt
+from .engine_args import add_engine_arguments, engine_error, engine_options
 from .outputs import check_folder
 
 
@@ -33,8 +38,9 @@ def add_parser(sub) -> None:
                "  robustness-diag audit SRFlow_DF2K_4X.pth --config SRFlow_DF2K_4X.yml --images div2k_lr/ "
                "--out runs/audit_srflow\n"
                "  robustness-diag audit model.pth --budget thorough --device cuda\n"
-               "exit codes: 0 all audited and none failing, 1 some checkpoint failing or not auditable (unreadable, "
-               "unknown layout; each named with its reason, the others audited), 2 usage or setup error (bad "
+               "exit codes: 0 all audited and none fails on clean inputs, 1 some checkpoint failing or not auditable "
+               "(verdict 'fails on clean inputs'; unreadable, unknown layout: each named with its reason, the others "
+               "audited), 2 usage or setup error (bad "
                "option, missing file or folder, unwritable --out; nothing audited)")
     p.add_argument("checkpoints", nargs="*", metavar="CKPT",
                    help="checkpoints (.pth, .safetensors or bundled:<name>); none = both bundled flows")
@@ -60,11 +66,14 @@ def add_parser(sub) -> None:
     r.add_argument("--overwrite", "--restart", dest="restart", action="store_true",
                    help="ignore finished work in --out and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_engine_arguments(p)
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
     from robustness_diag.analyses.audit import AuditConfig, run, settings_warning
+    from robustness_diag.analyses.audit.report_data import gate_text
+    from robustness_diag.analyses.audit.verdict import FAILS_ON_CLEAN
     from robustness_diag.devices import resolve_device
     from robustness_diag.reports.correlate_report import render
 
@@ -76,28 +85,35 @@ def main(args) -> int:
     for name, value in (("--config", args.config), ("--images", args.images)):
         if value is not None and not Path(value).exists():
             return opt.usage_error(f"{prog}: {name} {printable(value)}: no such file or folder")
-    out_err = check_folder(args.out)
+    out_err = check_folder(args.out) or engine_error(args, prog)
     if out_err:
-        return opt.usage_error(f"{prog}: {out_err}")
+        return opt.usage_error(out_err if out_err.startswith(prog) else f"{prog}: {out_err}")
     cfg = AuditConfig(checkpoints=args.checkpoints, config=args.config, images=args.images, from_hr=args.from_hr,
                       budget=args.budget, out=args.out, heat=args.heat, false_alarm=args.false_alarm, seed=args.seed,
-                      device=str(device), resume=not args.restart, progress=not args.no_progress)
-    res = run(cfg, render=render)
+                      device=str(device), resume=not args.restart, progress=not args.no_progress,
+                      engine=engine_options(args))
+    from robustness_diag.analyses.engines import EngineError, check_cluster, session
+    try:
+        with session(cfg.engine):                  # one connection for every model; the stress conditions on Ray
+            check_cluster(cfg.engine, cfg.device)
+            res = run(cfg, render=render)
+    except EngineError as e:                       # Ray missing, cluster unreachable, no worker for the device
+        return opt.usage_error(f"{prog}: {e}")
     for m in res.summaries:
         print(f"{printable(m['name'])} ({m['coupling']}): {m['verdict'].upper()}")
         warning = settings_warning(m)
         if warning:
             print(f"  ! {printable(warning)}")
-        for r in m["reasons"][:6]:
+        print(f"  rule: {printable(m.get('rule', ''))}")
+        for r in m["reasons"]:
             print(f"  - {printable(r)}")
-        thr = m.get("recommended_threshold", {})
-        if thr.get("value") is not None:
-            print(f"  gate: OOD score >= {thr['value']:.3g} "
-                  f"({thr['false_alarm']:.1%} false alarms on the stress suite)")
+        for c in m.get("caveats", []):
+            print(f"  caveat: {printable(c)}")
+        print(f"  gate: {printable(gate_text(m.get('recommended_threshold')))}")
     for f in res.failures:
         print(f"{printable(f['checkpoint'])}: NOT AUDITED: {printable(f['error'])}", file=sys.stderr)
     if res.report:
         print(f"wrote {printable(res.report)}")
     # a checkpoint that could not be audited is a failed input (exit 1), as in 'inspect', also when it is the only one
-    failing = any(m["verdict"] == "failing" for m in res.summaries)
+    failing = any(m["verdict"] == FAILS_ON_CLEAN for m in res.summaries)
     return EXIT_FAILED if (res.failures or failing) else EXIT_OK

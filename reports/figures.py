@@ -68,7 +68,7 @@ def _ci_text(m: dict) -> str:
 
 
 def reliability(runs: Mapping[str, dict], out_dir: Path) -> Figure:
-    """P(artifact | score bin) with Wilson intervals, isotonic and logistic fits, prevalence as a dotted line."""
+    """P(artifact | score bin) with source-bootstrap intervals, isotonic and logistic fits, prevalence dotted."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     rows = []
@@ -76,7 +76,9 @@ def reliability(runs: Mapping[str, dict], out_dir: Path) -> Figure:
         bins = r["reliability"]
         x = np.array([b["score_mean"] for b in bins])
         y = np.array([b["rate"] for b in bins])
-        lo, hi = np.array([b["ci_low"] for b in bins]), np.array([b["ci_high"] for b in bins])
+        # no interval (a single source image): no bar
+        lo = np.array([b["rate"] if b["ci_low"] is None else b["ci_low"] for b in bins], np.float64)
+        hi = np.array([b["rate"] if b["ci_high"] is None else b["ci_high"] for b in bins], np.float64)
         ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="o", color=color, capsize=3, label=f"{name}: binned rate")
         ax.plot(r["isotonic"]["score"], r["isotonic"]["p"], color=color, lw=1.5, alpha=0.8)
         if r["logistic"].get("value") is not None:
@@ -89,8 +91,11 @@ def reliability(runs: Mapping[str, dict], out_dir: Path) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return Figure("reliability", "Artifact probability by OOD-score bin",
-                  "Equal-count score bins; bars are 95% Wilson intervals; solid line: isotonic fit, dashed: logistic "
-                  "fit, dotted: overall prevalence. A rising curve means the score predicts where the flow breaks.",
+                  "Pooled over every position of every image and condition. Equal-count score bins; bars are 95% "
+                  "intervals resampling whole source images (none with a single source); solid line: isotonic fit, "
+                  "dashed: logistic fit, dotted: overall prevalence. Pooled across conditions, a rising curve mostly "
+                  "says that harsher conditions score higher and break more; whether the score points at the "
+                  "positions that break is the within-condition and within-image AUROC of the headline.",
                   _save(fig, out_dir, "reliability"), write_csv(Path(out_dir) / "reliability.csv", rows))
 
 
@@ -122,8 +127,10 @@ def roc_pr(runs: Mapping[str, dict], out_dir: Path) -> Figure:
         if ax.get_legend_handles_labels()[0]:      # no curve when every model's metrics are undefined
             ax.legend(fontsize=7, loc="lower right" if ax is a else "upper right")
     return Figure("roc_pr", "ROC and precision-recall, artifact = positive",
-                  "Observations are (position, sample) pairs; intervals are 95% bootstrap over images. x on the ROC "
-                  "marks FPR at 95% TPR. At low prevalence read the PR curve: ROC can look good while PR collapses.",
+                  "Observations are (position, sample) pairs pooled over every image and condition; intervals are 95% "
+                  "bootstrap over source images. x on the ROC marks FPR at 95% TPR. At low prevalence read the PR "
+                  "curve: ROC can look good while PR collapses. Pooled curves reward telling conditions apart; the "
+                  "headline's image-level and within-condition numbers answer the questions a user acts on.",
                   _save(fig, out_dir, "roc_pr"), write_csv(Path(out_dir) / "roc_pr.csv", rows))
 
 
@@ -148,8 +155,8 @@ def score_histograms(hists: Mapping[str, dict], out_dir: Path) -> Figure:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     return Figure("score_histograms", "Score distributions of artifact and clean observations",
-                  "Density of the OOD score at positions that became artifacts vs stayed clean (log scale). "
-                  "Separated distributions mean the score can gate inputs.",
+                  "Density of the OOD score at positions that became artifacts vs stayed clean (log scale), pooled "
+                  "over conditions. Gating is decided per image: see the held-out image gate in the headline.",
                   _save(fig, out_dir, "score_histograms"), write_csv(Path(out_dir) / "score_histograms.csv", rows))
 
 
@@ -167,11 +174,12 @@ def per_image_scatter(tables: Mapping[str, list[dict]], out_dir: Path) -> Figure
                         palette=palette, s=18, alpha=0.7, edgecolor="face", linewidth=plt.rcParams["lines.linewidth"],
                         ax=ax)
         sns.move_legend(ax, "best", fontsize=8, title=None)
-    ax.set(xlabel="mean OOD score of the image", ylabel="artifact fraction (pixels x samples)",
+    ax.set(xlabel="OOD score of the image (mean)", ylabel="artifact fraction (pixels x samples)",
            title="Per image: OOD score vs artifacts")
     ax.grid(alpha=0.3)
     return Figure("per_image", "Per-image OOD score vs artifact fraction",
-                  "One point per image (and model). Images to the right are further from the training data.",
+                  "One point per input image (and model): the image-level question. Images to the right are further "
+                  "from the training data; the headline's image-level AUROC and Spearman rho summarise this plot.",
                   _save(fig, out_dir, "per_image"), write_csv(Path(out_dir) / "per_image.csv", rows))
 
 

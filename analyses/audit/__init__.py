@@ -7,9 +7,11 @@ For each checkpoint (default: the two bundled 4X flows, side by side) the audit 
 2. **measurements** (:mod:`.measure`): static checks (the ``inspect`` report, the inverse slopes the conditioner
    produces on clean inputs next to the coupling's hard bound), the OOD fit on in-distribution LR inputs, per
    condition ``samples`` traced samples at ``heat`` (artifact and NaN rates, inverse slopes, explosion and OOD score
-   maps), and the adversarial search (:mod:`..adversarial`) within 8/255 and unconstrained;
-3. **verdicts** (:mod:`.verdict`): robust / at risk / failing with reasons, and a recommended OOD-score threshold
-   for gating inputs at the chosen false-alarm rate;
+   maps), and the adversarial search (:mod:`..adversarial`, both objectives, re-sampled on fresh latents, against
+   a best-of-N random baseline) within 8/255 and unconstrained;
+3. **verdicts** (:mod:`.verdict`): *fails on clean inputs*, *exploding inverse*, *out-of-range artifacts*, *rare
+   out-of-range artifacts* or *no artifacts found*, each reason with its per-sample rate, N and interval; and an
+   image-level OOD gate chosen on half of the source photos and judged on the other half;
 4. **report data** (:mod:`.report_data`) and the output files, each written once (:mod:`.pipeline`).
 
 Budgets and settings are in :mod:`.config`. Every finished unit (per model: static, fit, each condition, the attack)

@@ -2,16 +2,20 @@
 
 A budget fixes the size of every stage (per model):
 
-* ``images``: held-out HR photo crops per stress condition (LR side ``lr_size`` px, HR side ``lr_size * scale``);
+* ``images``: held-out HR photo crops per stress condition (LR side ``lr_size`` px, HR side ``lr_size * scale``),
+  taken in turn from the four held-out source photos (so ``images / 4`` crops per source; the graphics condition
+  has ``images`` synthetic images, each its own source);
 * ``samples``: samples drawn per image and condition;
 * ``levels``: degradation severities (1 = mild .. 3 = strong, see :mod:`robustness_diag.data.degradations`);
-* ``fit_images``: in-distribution LR crops (side ``2 * lr_size``) for the OOD fit when no ``images`` are given;
+* ``fit_images``: in-distribution LR crops (side ``lr_size``, as in the stress suite) for the OOD fit when no
+  ``images`` are given;
 * ``attack_images`` / ``attack_steps``: clean LR crops attacked and projected-gradient steps per attack;
-* ``bootstrap``: image-bootstrap resamples of the correlation statistics.
+* ``bootstrap``: resamples of the source-image bootstrap behind every interval (at least 1000).
 
 Verdict thresholds (log inverse slopes are natural logs of a dimensionless slope):
 :data:`SMALL_BUDGET` is the L-inf adversarial budget in [0, 1] pixel units, :data:`NEAR_BOUND` the fraction of the
-log bound that counts as reaching it, :data:`LARGE_BOUND` the smallest hard slope bound that is a danger to reach.
+log bound that counts as reaching it, :data:`LARGE_BOUND` the smallest hard slope bound that is a danger to reach,
+:data:`FLAG_RATE` the per-sample rate of the paper's per-image flag above which a test is out-of-range artifacts.
 """
 from __future__ import annotations
 
@@ -21,15 +25,17 @@ from typing import Optional
 
 from robustness_diag.devices import DEFAULT_DEVICE
 
+from ..engines import EngineOptions
+
 BUNDLED = ("bundled:sr4x_affine", "bundled:sr4x_rqspline")
 
 BUDGETS = {
-    "fast": dict(images=4, lr_size=24, samples=3, levels=(1, 3), fit_images=16, attack_images=2, attack_steps=8,
-                 bootstrap=200),
-    "standard": dict(images=8, lr_size=32, samples=4, levels=(1, 2, 3), fit_images=48, attack_images=4,
-                     attack_steps=20, bootstrap=1000),
-    "thorough": dict(images=16, lr_size=48, samples=8, levels=(1, 2, 3), fit_images=128, attack_images=8,
-                     attack_steps=50, bootstrap=2000),
+    "fast": dict(images=8, lr_size=24, samples=3, levels=(1, 3), fit_images=64, attack_images=4, attack_steps=8,
+                 bootstrap=1000),
+    "standard": dict(images=16, lr_size=32, samples=4, levels=(1, 2, 3), fit_images=128, attack_images=8,
+                     attack_steps=20, bootstrap=2000),
+    "thorough": dict(images=32, lr_size=48, samples=8, levels=(1, 2, 3), fit_images=256, attack_images=16,
+                     attack_steps=50, bootstrap=5000),
 }
 #: the small adversarial budget: L-inf radius 8/255 on LR pixels in [0, 1]
 SMALL_BUDGET = 8 / 255
@@ -38,6 +44,9 @@ NEAR_BOUND = 0.99
 #: Only a hard inverse-slope bound above this is a danger to reach (affine 1/eps = 1e4); smaller ones (HCFlow's atan
 #: scale, 1.65 per coupling; the reparametrised affine, 1 + eps) are the coupling working as designed.
 LARGE_BOUND = 100.0
+#: "out-of-range artifacts": a degradation's or an 8/255 attack's per-sample rate of the paper's per-image flag (any
+#: pixel > 1.5, < -0.5 or non-finite) above this (the point estimate; its interval is stated next to it)
+FLAG_RATE = 0.05
 
 
 @dataclass
@@ -49,7 +58,8 @@ class AuditConfig:
     reference output is deterministic); ``false_alarm``: target rate of the recommended OOD gate; ``device``:
     ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`robustness_diag.devices.resolve_device`); ``resume``: reuse
     finished units in ``out/work/``; ``overrides``: entries replacing those of the chosen budget (e.g. a tiny setting
-    for tests)."""
+    for tests); ``engine``: where the stress conditions run (:class:`..engines.EngineOptions`: here, or as parallel
+    Ray tasks with the same results)."""
 
     checkpoints: list = field(default_factory=list)
     config: Optional[str] = None
@@ -64,6 +74,7 @@ class AuditConfig:
     resume: bool = True
     progress: bool = True
     overrides: dict = field(default_factory=dict)
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
 
 class AuditError(Exception):

@@ -11,29 +11,35 @@
 3. **conditions** (:func:`measure_condition`): ``samples`` samples per image at ``heat``, traced with
    :func:`robustness_diag.detect.trace_sampling`: artifact / NaN / non-finite pixel fractions, the largest finite
    inverse log-slope, the OOD score map at the scorer's primary level and the artifact events per score cell;
-4. **adversarial** (:func:`measure_adversarial`): :func:`..adversarial.attack` within the 8/255 budget and
-   unconstrained, each re-sampled and scored, plus random sign noise of the same 8/255 budget.
+4. **adversarial** (:func:`.attack.measure_adversarial`): the adversarial search on clean crops.
 
 Units: pixel values in [0, 1]; fractions in [0, 1]; log slopes are natural logs of dimensionless inverse slopes;
 OOD scores are Mahalanobis distances per feature position. Arrays kept per condition (``ConditionMeasurement.arrays``):
 ``score`` float64 ``[B, h, w]`` (feature grid), ``events`` float32 ``[B, h, w]`` (samples with an artifact in the
 cell, 0..samples) and one example - the sample with the most artifact pixels: ``lr`` ``[h_lr, w_lr, 3]``,
-``sample`` ``[H, W, 3]``, ``mask`` / ``explosion`` / ``attribution`` ``[H, W]``, ``example_image`` (its image index).
+``sample`` ``[H, W, 3]``, ``mask`` / ``explosion`` / ``attribution`` ``[H, W]``, ``example_image`` (its image index);
+and per image ``[B]``: ``source`` (independent source id), ``flagged`` / ``samples`` / ``artifact_fraction``
+(:func:`.observe.per_image_flags`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .cache import ResumeCache
-from .config import SMALL_BUDGET, AuditConfig, AuditError, slug
+from .config import AuditConfig, AuditError, slug
+from .observe import example_arrays, layer_maxima, max_finite, per_image_flags, score_map
 from .scenarios import Scenario, build_suite
+
+
+#: bumped whenever what a cached unit holds changes (a cache of another version is started over)
+MEASUREMENT_VERSION = 3
 
 
 @dataclass
@@ -49,8 +55,9 @@ class ConditionMeasurement:
 class ModelMeasurement:
     """Everything measured on one checkpoint. ``static``: :func:`measure_static` (``inspect`` included);
     ``fit_report``: the OOD fit's report; ``conditions``: in suite order; ``adversarial``: ``{label: summary}``
-    (``budget_8_255``, ``unconstrained``, ``random_8_255``); ``adversarial_arrays``: ``{"<label>/<key>": array}``
-    examples of the two searches (keys as for conditions, ``score`` of the example image ``[h, w]``)."""
+    (:func:`.attack.measure_adversarial`: ``slope_8_255``, ``artifact_8_255``, their ``random_*`` baselines and the
+    unconstrained searches); ``adversarial_arrays``: ``{"<panel>/<key>": array}`` examples (``budget_8_255`` and
+    ``unconstrained``; keys as for conditions, ``score`` of the example image ``[h, w]``)."""
 
     spec: str
     name: str
@@ -65,33 +72,6 @@ class ModelMeasurement:
     adversarial_arrays: dict = field(default_factory=dict)
 
 
-def _layer_maxima(tr) -> list:
-    """``[{"layer", "max_log_slope"}]`` of every traced layer with coupling stages."""
-    return [{"layer": r.name, "max_log_slope": max(float(s.log_slope_max.max()) for s in r.stages.values())}
-            for r in tr.layers if r.stages]
-
-
-def _max_finite(t: Tensor) -> Optional[float]:
-    finite = torch.isfinite(t)
-    return float(t[finite].max()) if finite.any() else None
-
-
-def _score(flow, scorer, lr: Tensor) -> Tensor:
-    """OOD score map at the scorer's primary level, float64 on the CPU, ``[B, h, w]``."""
-    level = scorer.primary_level
-    with torch.no_grad():
-        return scorer({level: flow.features(lr)[level]})[level].double().cpu()
-
-
-def _example(tr, lr: Tensor) -> tuple[int, int, dict]:
-    """``(sample row, image index, arrays)`` of the sample with the most artifact pixels."""
-    n = int(tr.artifact_pixels.argmax())
-    b = int(tr.image_index[n])
-    return n, b, {"lr": lr[b].permute(1, 2, 0).cpu().numpy(), "sample": tr.image[n].permute(1, 2, 0).numpy(),
-                  "mask": tr.artifact_mask[n].numpy(), "explosion": tr.explosion_map[n].numpy(),
-                  "attribution": tr.attribution[n].numpy()}
-
-
 # -- 1. static ------------------------------------------------------------------------------------------------------
 def measure_static(flow, clean_lr: Tensor, heat: float, samples: int, seed: int) -> dict:
     """``{"inspect", "bound_log_slope", "in_distribution_max_log_slope", "in_distribution_fraction_of_bound",
@@ -102,7 +82,7 @@ def measure_static(flow, clean_lr: Tensor, heat: float, samples: int, seed: int)
     rep = inspect_flow(flow)
     tr = trace_sampling(flow, clean_lr, heat, samples, torch.Generator().manual_seed(seed), keep_layer_maps=False,
                         return_image=False).cpu()
-    per_layer = _layer_maxima(tr)
+    per_layer = layer_maxima(tr)
     bound = flow.log_inverse_slope_bound()
     in_dist = max((r["max_log_slope"] for r in per_layer), default=float("nan"))
     return {"inspect": rep, "bound_log_slope": bound, "in_distribution_max_log_slope": in_dist,
@@ -113,7 +93,8 @@ def measure_static(flow, clean_lr: Tensor, heat: float, samples: int, seed: int)
 # -- 2. OOD fit -----------------------------------------------------------------------------------------------------
 def fit_images(flow, cfg: AuditConfig, budget: dict) -> Iterator[Tensor]:
     """In-distribution LR images ``[1, 3, h, w]`` for the fit: ``cfg.images`` (downscaled when ``cfg.from_hr``;
-    unreadable files are skipped and said), else ``fit_images`` crops of the training photos."""
+    unreadable files are skipped and said), else ``fit_images`` crops of the training photos of the stress suite's
+    size (``lr_size`` LR px, so border positions weigh the same in the fit as in the tests)."""
     from robustness_diag.data.photos import TRAIN_PHOTOS, downscale, load_photo, random_crops
 
     if cfg.images:
@@ -130,7 +111,7 @@ def fit_images(flow, cfg: AuditConfig, budget: dict) -> Iterator[Tensor]:
             img = img[None] if img.dim() == 3 else img
             yield downscale(img, flow.scale) if cfg.from_hr else img
         return
-    hr = random_crops([load_photo(n) for n in TRAIN_PHOTOS], budget["fit_images"], 2 * budget["lr_size"] * flow.scale,
+    hr = random_crops([load_photo(n) for n in TRAIN_PHOTOS], budget["fit_images"], budget["lr_size"] * flow.scale,
                       torch.Generator().manual_seed(cfg.seed + 7), augment=False)
     for lr in flow.input_domain(downscale(hr, flow.scale)):
         yield lr[None]
@@ -146,75 +127,47 @@ def fit_ood(flow, cfg: AuditConfig, budget: dict, device: torch.device):
 
 
 # -- 3. stress conditions -------------------------------------------------------------------------------------------
-def measure_condition(flow, scenario: Scenario, scorer, heat: float, samples: int, seed: int
-                      ) -> tuple[dict, dict]:
-    """``(summary row, arrays)`` of one stress condition (see the module docstring)."""
+def measure_condition(flow, scenario: Scenario, scorer, heat: float, samples: int, seed: int,
+                      n_resamples: int = 1000) -> tuple[dict, dict]:
+    """``(summary row, arrays)`` of one stress condition (see the module docstring). The row's ``paper_flag`` is the
+    per-sample rate of the reference per-image flag (any pixel > 1.5, < -0.5 or non-finite) with its
+    source-bootstrap interval over ``n_resamples`` resamples and, with no flagged sample, its exact upper bound."""
     from robustness_diag.detect import trace_sampling
     from robustness_diag.detect.pooling import events_per_cell
+
+    from ..clustered import rate
 
     lr = scenario.lr
     tr = trace_sampling(flow, lr, heat, samples, torch.Generator().manual_seed(seed + 100),
                         keep_layer_maps=False).cpu()
-    score = _score(flow, scorer, lr)                                                      # [B, h, w]
+    score = score_map(flow, scorer, lr)                                                      # [B, h, w]
     B = lr.shape[0]
+    source = np.arange(B) if scenario.source is None else np.asarray(scenario.source)
     events = events_per_cell(tr.artifact_mask, tuple(score.shape[-2:]), B)
+    flags = per_image_flags(tr, B)
     res = {"condition": scenario.name, "family": scenario.family, "severity": scenario.severity, "images": B,
-           "samples": samples,
+           "samples": samples, "sources": int(np.unique(source).size),
            "frac_samples_with_artifact": float((tr.artifact_pixels > 0).float().mean()),
+           "paper_flag": rate(flags["flagged"], flags["samples"], source, n_resamples, seed=seed, unit="sample"),
            "frac_artifact_pixels": float(tr.artifact_mask.float().mean()),
            "frac_nan_pixels": float(tr.nan_mask.float().mean()),
            "frac_nonfinite_pixels": float((tr.nan_mask | tr.inf_mask).float().mean()),
-           "max_log_slope": _max_finite(tr.max_log_slope),
+           "max_log_slope": max_finite(tr.max_log_slope),
            "explosion_max": float(torch.nan_to_num(tr.explosion_map, nan=-math.inf).max()),
            "score_mean": float(score.mean()), "score_p99": float(torch.quantile(score.flatten(), 0.99)),
-           "layer_trace": _layer_maxima(tr)}
-    _, b, example = _example(tr, lr)
-    arrays = {"score": score.numpy(), "events": events.numpy(), **example, "example_image": np.array(b)}
+           "layer_trace": layer_maxima(tr)}
+    _, b, example = example_arrays(tr, lr)
+    arrays = {"score": score.numpy(), "events": events.numpy(), **example, "example_image": np.array(b),
+              "source": source, **flags}
     return res, arrays
-
-
-# -- 4. adversarial -------------------------------------------------------------------------------------------------
-def measure_adversarial(flow, lr: Tensor, scorer, heat: float, samples: int, steps: int, seed: int,
-                        progress: bool = False) -> tuple[dict, dict]:
-    """``({label: summary}, {"<label>/<key>": array})`` of the attacks on the clean batch ``lr`` within 8/255
-    (``budget_8_255``) and unconstrained, and of random sign noise at +-8/255 (``random_8_255``: what a
-    non-adversarial perturbation of the same budget does)."""
-    from robustness_diag.detect import trace_sampling
-
-    from ..adversarial import AttackConfig, attack
-
-    out, arrays = {}, {}
-    for label, eps in (("budget_8_255", SMALL_BUDGET), ("unconstrained", 1.0)):
-        acfg = AttackConfig(epsilon=eps, steps=steps, heat=heat, seed=seed)
-        res = attack(flow, lr, acfg, progress=progress)
-        tr = trace_sampling(flow, res.lr, heat, samples, torch.Generator().manual_seed(seed + 200),
-                            keep_layer_maps=False).cpu()
-        score = _score(flow, scorer, res.lr)
-        out[label] = {"epsilon": eps, "steps": acfg.steps,
-                      "start_max_log_slope": float(res.start_log_slope.max()),
-                      "found_max_log_slope": float(res.best_log_slope.max()),
-                      "sampled_max_log_slope": _max_finite(tr.max_log_slope),
-                      "frac_samples_with_artifact": float((tr.artifact_pixels > 0).float().mean()),
-                      "frac_artifact_pixels": float(tr.artifact_mask.float().mean()),
-                      "frac_nonfinite_pixels": float((tr.nan_mask | tr.inf_mask).float().mean()),
-                      "score_mean": float(score.mean()), "score_p99": float(torch.quantile(score.flatten(), 0.99))}
-        _, b, example = _example(tr, res.lr)
-        arrays.update({f"{label}/{k}": v for k, v in {**example, "score": score[b].numpy()}.items()})
-    g = torch.Generator().manual_seed(seed + 300)
-    noisy = (lr + SMALL_BUDGET * torch.randn(lr.shape, generator=g).sign().to(lr)).clamp(0, 1)
-    tr = trace_sampling(flow, noisy, heat, samples, torch.Generator().manual_seed(seed + 200), keep_layer_maps=False,
-                        return_image=False).cpu()
-    out["random_8_255"] = {"epsilon": SMALL_BUDGET, "sampled_max_log_slope": _max_finite(tr.max_log_slope),
-                           "frac_artifact_pixels": float(tr.artifact_mask.float().mean()),
-                           "frac_nonfinite_pixels": float((tr.nan_mask | tr.inf_mask).float().mean())}
-    return out, arrays
 
 
 # -- one model ------------------------------------------------------------------------------------------------------
 def cache_key(spec: str, flow, cfg: AuditConfig, budget: dict, heat: float, device: torch.device) -> dict:
     """What a model's cached units depend on (a changed key starts that model's cache over)."""
     return {"checkpoint": str(spec), "sha256": flow.info.get("sha256"), "config": cfg.config, "images": cfg.images,
-            "from_hr": cfg.from_hr, "budget": budget, "heat": heat, "seed": cfg.seed, "device": device.type}
+            "from_hr": cfg.from_hr, "budget": budget, "heat": heat, "seed": cfg.seed, "device": device.type,
+            "measurements": MEASUREMENT_VERSION}
 
 
 def measure_model(spec: str, cfg: AuditConfig, budget: dict, work_root: Path, device: torch.device
@@ -222,6 +175,9 @@ def measure_model(spec: str, cfg: AuditConfig, budget: dict, work_root: Path, de
     """Runs (or, with ``cfg.resume``, resumes from ``work_root/<model>/``) every measurement of one checkpoint."""
     from robustness_diag.flows.loading import load_flow
     from robustness_diag.ood import MahalanobisScorer
+
+    from ..engines import stress_units
+    from .attack import measure_adversarial
 
     flow = load_flow(spec, config=cfg.config).eval().to(device)
     heat = float(cfg.heat if cfg.heat is not None else flow.default_heat)
@@ -239,12 +195,14 @@ def measure_model(spec: str, cfg: AuditConfig, budget: dict, work_root: Path, de
         from tqdm import tqdm
         it = tqdm(it, desc=f"stress {name}", unit="cond", leave=False)
     conditions = []
-    for sc in it:
-        summary, arrays = cache.arrays_unit(
-            f"cond_{sc.name}", lambda sc=sc: measure_condition(flow, sc, scorer, heat, samples, cfg.seed))
+    units = stress_units(cfg, spec, it, cache, flow, scorer,       # here, or as parallel tasks (cfg.engine)
+                         lambda flow, scorer, sc: measure_condition(flow, sc, scorer, heat, samples, cfg.seed,
+                                                                    budget["bootstrap"]))
+    for summary, arrays in units:
         conditions.append(ConditionMeasurement(summary, arrays))
     adv, adv_arrays = cache.arrays_unit(
         "adversarial", lambda: measure_adversarial(flow, clean[:budget["attack_images"]], scorer, heat, samples,
-                                                   budget["attack_steps"], cfg.seed, cfg.progress))
+                                                   budget["attack_steps"], cfg.seed, cfg.progress,
+                                                   suite["clean"].source, budget["bootstrap"]))
     return ModelMeasurement(str(spec), name, flow.config.coupling, flow.family, heat, samples, static,
                             scorer.fit_report, conditions, adv, adv_arrays)

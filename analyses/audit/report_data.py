@@ -16,6 +16,9 @@ from typing import Optional
 
 import numpy as np
 
+from robustness_diag.ood.borders import DEFAULT_BORDER_MARGIN, border_distance, interior_mask
+
+from .. import clustered as K
 from .. import correlate as C
 from .. import stats as S
 from .measure import ModelMeasurement
@@ -23,14 +26,59 @@ from .verdict import label
 
 
 def observations(m: ModelMeasurement) -> S.Observations:
-    """Per-position observations over all of the model's conditions (see the module docstring)."""
-    scores, events, image = [], [], []
+    """Per-position observations over all of the model's conditions (see the module docstring), with each
+    position's source photo and condition."""
+    scores, events, image, source, cond = [], [], [], [], []
     for k, c in enumerate(m.conditions):
         score = c.arrays["score"]
+        per = score[0].size
         scores.append(score.ravel())
         events.append(c.arrays["events"].ravel())
-        image.append(np.repeat(np.arange(score.shape[0]) + 1000 * k, score[0].size))
-    return S.Observations(np.concatenate(scores), np.concatenate(events), m.samples, np.concatenate(image))
+        image.append(np.repeat(np.arange(score.shape[0]) + 1000 * k, per))
+        source.append(np.repeat(_sources(c), per))
+        cond.append(np.full(score.size, c.summary["condition"]))
+    return S.Observations(np.concatenate(scores), np.concatenate(events), m.samples, np.concatenate(image),
+                          source=np.concatenate(source), condition=np.concatenate(cond))
+
+
+def _sources(c) -> np.ndarray:
+    """The source ids ``[B]`` of a condition's images (each image its own source in caches without them)."""
+    src = c.arrays.get("source")
+    return np.arange(c.arrays["score"].shape[0]) if src is None else np.asarray(src)
+
+
+def image_score(score_map: np.ndarray, border_margin: int = DEFAULT_BORDER_MARGIN) -> float:
+    """An image's aggregate OOD score: the mean of its score map ``[h, w]`` over the positions at least
+    ``border_margin`` positions from the border (the conditioner's zero padding inflates border scores)."""
+    return float(score_map[interior_mask(*score_map.shape, border_margin)].mean())
+
+
+def image_table(m: ModelMeasurement, border_margin: int = DEFAULT_BORDER_MARGIN) -> K.ImageTable:
+    """One row per (condition, crop) input image: source, condition, :func:`image_score`, samples drawn, samples
+    flagged by the paper's criterion and artifact fraction."""
+    src, cond, score, samples, flagged, frac, names = [], [], [], [], [], [], []
+    for c in m.conditions:
+        z = c.arrays
+        B = z["score"].shape[0]
+        src.append(_sources(c))
+        cond += [c.summary["condition"]] * B
+        score += [image_score(z["score"][b], border_margin) for b in range(B)]
+        samples.append(z["samples"])
+        flagged.append(z["flagged"])
+        frac.append(z["artifact_fraction"])
+        names += [f"{c.summary['condition']}/{b}" for b in range(B)]
+    return K.ImageTable(np.concatenate(src), np.array(cond), np.array(score), np.concatenate(samples),
+                        np.concatenate(flagged), np.concatenate(frac), names)
+
+
+def border_positions(m: ModelMeasurement) -> dict:
+    """Per position (in :func:`observations` order): distance to the border and whether its image is clean."""
+    dist, clean = [], []
+    for c in m.conditions:
+        B, h, w = c.arrays["score"].shape
+        dist.append(np.tile(border_distance(h, w).ravel(), B))
+        clean.append(np.full(B * h * w, c.summary["condition"] == "clean"))
+    return {"distance": np.concatenate(dist), "clean": np.concatenate(clean)}
 
 
 def worst_condition(m: ModelMeasurement):
@@ -56,7 +104,8 @@ def model_result(m: ModelMeasurement) -> C.ModelResult:
     worst = worst_condition(m).summary
     traces = {"clean": m.static["layer_trace_clean"], worst["condition"]: worst["layer_trace"]}
     return C.ModelResult(m.name, observations(m), layer_traces=traces, slope_bound=m.static["bound_log_slope"],
-                         examples=example_panels(m), image_names=None, notes=[])
+                         examples=example_panels(m), image_names=None, notes=[], images=image_table(m),
+                         border=border_positions(m))
 
 
 def summary(m: ModelMeasurement, verdict: dict, threshold: Optional[dict] = None) -> dict:
@@ -91,30 +140,56 @@ def settings_warning(s: dict) -> Optional[str]:
             f"model assumes them (pass --config with the checkpoint's original YAML to set them)")
 
 
-def gate_text(thr: dict) -> str:
-    """The recommended OOD gate of one model, in words."""
-    if thr.get("value") is not None:
-        return (f"gate inputs at OOD score >= {thr['value']:.3g} (per position; {thr['false_alarm']:.1%} false "
-                f"alarms on the stress suite)")
-    return f"no gating threshold: {thr.get('undefined')}"
+def _pct(r: dict) -> str:
+    """``"3 of 20 (15.0%, 95% CI 2.0-40.0%, 6 sources)"`` for a rate record of :func:`.clustered.rate`."""
+    if r.get("value") is None:
+        return f"undefined ({r.get('undefined')})"
+    ci = "" if r.get("ci_low") is None else f", CI {r['ci_low']:.1%}-{r['ci_high']:.1%}"
+    ub = "" if r.get("upper_bound") is None else f", at most {r['upper_bound']:.1%}"
+    return f"{r['k']} of {r['n']} ({r['value']:.1%}{ci}{ub}; {r['n_sources']} sources)"
+
+
+def gate_text(gate: Optional[dict]) -> str:
+    """The recommended image-level OOD gate of one model and how it held up out of sample, in words."""
+    if not gate or gate.get("value") is None:
+        return f"no gating threshold: {(gate or {}).get('undefined', 'not computed')}"
+    h = gate["heldout"]
+    return (f"gate an image when its OOD score (mean over interior positions) is >= {gate['value']:.3g}: chosen for "
+            f"{gate['false_alarm_target']:.0%} false alarms on {gate['n_images_choose']} images of "
+            f"{gate['n_sources_choose']} sources; on {gate['n_images_judge']} held-out images of "
+            f"{gate['n_sources_judge']} other sources it caught {_pct(h['catch_rate'])} images with artifacts and "
+            f"gated {_pct(h['false_alarm_clean'])} clean and {_pct(h['false_alarm_degraded'])} artifact-free "
+            f"degraded images")
+
+
+def _flag_cell(r: dict) -> str:
+    """A paper-flag rate record as a table cell: ``"14/24 [0.31, 0.81]"`` (source-bootstrap interval, or the exact
+    one when there is none), with the upper bound for zero events."""
+    if not r or r.get("value") is None:
+        return "n/a"
+    lo, hi = (r["ci_low"], r["ci_high"]) if r.get("ci_low") is not None else r.get("exact_ci", (None, None))
+    ci = "" if lo is None else f" [{lo:.2f}, {hi:.2f}]"
+    ub = "" if r.get("upper_bound") is None else f" (<= {r['upper_bound']:.2f})"
+    return f"{r['k']}/{r['n']}{ci}{ub}"
 
 
 def stress_tables(summaries: list) -> list:
-    """One table per model: every condition and adversarial result with artifact rates, max inverse slope (not
-    log) and mean OOD score."""
+    """One table per model: every condition and adversarial result with the per-sample rate of the paper's flag
+    (k/n, interval, upper bound for zero events), artifact and NaN/Inf pixel fractions, max inverse slope (not log,
+    adversarial rows on fresh latents) and mean OOD score."""
     tables = []
     for s in summaries:
-        rows = [[label(c), c["frac_samples_with_artifact"], c["frac_artifact_pixels"], c["frac_nonfinite_pixels"],
+        rows = [[label(c), _flag_cell(c.get("paper_flag")), c["frac_artifact_pixels"], c["frac_nonfinite_pixels"],
                  None if c["max_log_slope"] is None else math.exp(c["max_log_slope"]), c["score_mean"]]
                 for c in s["conditions"]]
         for name, a in s["adversarial"].items():
-            slope = a.get("found_max_log_slope", a.get("sampled_max_log_slope"))
-            rows.append([f"{'random' if name.startswith('random') else 'adversarial'} {name}",
-                         a.get("frac_samples_with_artifact"), a["frac_artifact_pixels"], a["frac_nonfinite_pixels"],
-                         None if slope is None else math.exp(slope), a.get("score_mean")])
+            slope = a.get("sampled_max_log_slope")
+            kind = "random baseline" if a.get("kind") == "random" else "adversarial"
+            rows.append([f"{kind} {name}", _flag_cell(a.get("paper_flag")), a["frac_artifact_pixels"],
+                         a["frac_nonfinite_pixels"], None if slope is None else math.exp(slope), a.get("score_mean")])
         tables.append({"title": f"Stress suite: {s['name']} ({s['family']}, {s['coupling']}, heat {s['heat']:g})",
-                       "columns": ["condition", "samples with artifacts", "artifact pixels", "NaN/Inf pixels",
-                                   "max inverse slope", "mean OOD score"], "rows": rows})
+                       "columns": ["condition", "samples flagged (paper's criterion)", "artifact pixels",
+                                   "NaN/Inf pixels", "max inverse slope", "mean OOD score"], "rows": rows})
     return tables
 
 
@@ -130,9 +205,15 @@ def report_data(results: list, metrics: dict, ccfg: C.CorrelateConfig, summaries
     model; ``metrics``: :func:`C.analyse` of them; ``summaries``: the final ``audit.json`` entries."""
     verdicts = [{"model": s["name"], "verdict": s["verdict"],
                  "reasons": s["reasons"] + s["caveats"] + [gate_text(s["recommended_threshold"])]} for s in summaries]
-    notes = [f"Budget '{budget_name}': {budget}. Held-out chelsea crops, degradations of "
-             "robustness_diag/data/degradations.py; artifact = any channel > 1.5 or < -0.5 or non-finite; "
-             "inverse slopes are natural logs; the OOD statistics are fitted on in-distribution crops."]
+    notes = [f"Budget '{budget_name}': {budget}. Held-out crops of four source photos never trained on (chelsea, "
+             "china, flower, grace_hopper; crops taken in turn) and synthetic graphics images (each its own source), "
+             "degradations of robustness_diag/data/degradations.py; artifact = any channel > 1.5 or < -0.5 or "
+             "non-finite, and a sample is flagged (the paper's per-image criterion) when it has any artifact pixel; "
+             "inverse slopes are natural logs; the OOD statistics are fitted on in-distribution crops of the "
+             "training photos of the same size as the stress crops.",
+             "Every interval resamples whole source images (all crops and conditions of one photo together) with "
+             f"{ccfg.n_resamples} resamples; N is the number of independent sources. The image score is the mean "
+             f"OOD score over positions at least {DEFAULT_BORDER_MARGIN} position(s) from the border."]
     return {**C.report_data(results, ccfg, metrics, notes),
             "verdicts": verdicts,
             "warnings": [w for w in map(settings_warning, summaries) if w]

@@ -98,3 +98,105 @@ def test_run_folders_that_cannot_be_joined_are_a_usage_error(tmp_path):
     assert res.exit_code == 2 and "run.json" in res.error and not (tmp_path / "out").exists()
     res = C.run(C.CorrelateConfig(out=str(tmp_path / "out")))
     assert res.exit_code == 2 and "nothing to correlate" in res.error
+
+
+def _run_folders(root, images):
+    """A synthetic pair of 'score' and 'sample' folders without maps: ``images`` = ``[(key, mean, [(artifact_pixels,
+    nan_pixels, artifact_fraction), ...per sample])]``."""
+    digest = {"path": "bundled:toy_model", "weights_digest": "ab" * 32}
+    sdir, pdir = root / "score", root / "sample"
+    for d, command in ((sdir, "score"), (pdir, "sample")):
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"command": command, "checkpoint": digest,
+                                                "scoring": {"levels": ["L1"], "border_margin": 1}}))
+    _table(sdir / "scores.csv", ["path", "status", "error", "level", "mean", "p99", "notes", "seconds"],
+           [[k, "ok", "", "L1", str(mean), str(mean), "", "0.1"] for k, mean, _ in images])
+    _table(pdir / "samples.csv", ["path", "status", "error", "samples", "notes", "seconds"],
+           [[k, "ok", "", str(len(s)), "", "0.1"] for k, _, s in images])
+    _table(pdir / "sample_rows.csv", ["path", "sample", "artifact_pixels", "artifact_fraction", "nan_pixels",
+                                      "inf_pixels"],
+           [[k, str(i), str(a), str(f), str(n), "0"] for k, _, s in images for i, (a, n, f) in enumerate(s)])
+    return sdir, pdir
+
+
+def test_run_folders_without_maps_give_the_image_level(tmp_path):
+    """No maps: one image-table row per joined image (score = the 'mean' column; flagged = samples with an artifact
+    or NaN pixel; each image its own source, condition 'all'), no per-position observations, the image level and
+    gate in strict JSON, a report that renders and re-renders; the AUROC is sklearn's on the table."""
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(12):
+        mean = float(rng.normal(5 + i))
+        bad = i >= 6 and i != 7                                   # the higher scores break, with one exception
+        samples = [(40 if bad and s == 0 else 0, 3 if i == 3 and s == 1 else 0, 0.1 if bad and s == 0 else 0.0)
+                   for s in range(2)]                             # image 3: NaN pixels only -> flagged
+        images.append((f"sub/img {i}.png", mean, samples))
+    sdir, pdir = _run_folders(tmp_path, images)
+    (r,) = C.results_from_run_dirs([sdir, pdir])
+    assert r.obs is None and "without --save-maps" in r.positions_unavailable and not r.left_out
+    t = r.images
+    assert t.name == [k for k, _, _ in images] and list(t.source) == list(range(12))
+    assert set(t.condition) == {C.RUN_DIR_CONDITION} and list(t.samples) == [2] * 12
+    flagged = [i >= 6 and i != 7 or i == 3 for i in range(12)]
+    assert list(t.flagged > 0) == flagged and t.artifact_fraction[6] == pytest.approx(0.05)
+    assert list(t.score) == [m for _, m, _ in images]
+    assert r.join["maps_missing"] == 12 and any("'mean' column" in n and "border margin of 1" in n for n in r.notes)
+
+    out = tmp_path / "out"
+    res = C.run(C.CorrelateConfig(out=str(out), run_dirs=[str(sdir), str(pdir)], n_resamples=50), render=rerender)
+    assert res.exit_code == 0 and res.error is None
+
+    def refuse(c):
+        raise ValueError(c)
+    m = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)["models"]["toy_model"]
+    json.loads((out / "report_data.json").read_text(), parse_constant=refuse)
+    assert m["image_level"]["auroc"]["value"] == pytest.approx(roc_auc_score(flagged, [m for _, m, _ in images]))
+    assert m["image_level"]["n_sources"] == 12 and m["gate"]["n_images_judge"] + m["gate"]["n_images_choose"] == 12
+    assert "per_position_unavailable" in m and "auroc" not in m and "within_image" not in m
+    html = (out / "report.html").read_text()
+    assert "per-position analysis not available" in html and not (out / "roc_pr.png").exists()
+    (out / "report.html").unlink()
+    assert rerender(out) == out / "report.html" and (out / "per_image.png").is_file()
+
+
+def test_run_folder_rows_that_cannot_be_used_are_left_out(tmp_path):
+    """A non-finite image score or per-sample rows that do not match the sample count leave that image out (named,
+    exit code 1); the others are analysed."""
+    images = [(f"i{i}.png", float(i), [(5 if i % 2 else 0, 0, 0.01 if i % 2 else 0.0)] * 2) for i in range(6)]
+    sdir, pdir = _run_folders(tmp_path, images)
+    text = (sdir / "scores.csv").read_text().replace("i0.png,ok,,L1,0.0", "i0.png,ok,,L1,nan")
+    (sdir / "scores.csv").write_text(text)
+    lines = (pdir / "sample_rows.csv").read_text().splitlines(keepends=True)
+    (pdir / "sample_rows.csv").write_text("".join(line for line in lines if not line.startswith("i1.png,1,")))
+    (r,) = C.results_from_run_dirs([sdir, pdir])
+    assert {f["path"] for f in r.left_out} == {"i0.png", "i1.png"} and r.join["rows_unusable"] == 2
+    assert r.images.name == ["i2.png", "i3.png", "i4.png", "i5.png"] and r.join["joined"] == 4
+    assert "not a finite number" in r.left_out[0]["reason"] and "samples.csv says 2" in r.left_out[1]["reason"]
+    res = C.run(C.CorrelateConfig(out=str(tmp_path / "out"), run_dirs=[str(sdir), str(pdir)], n_resamples=20))
+    assert res.exit_code == 1 and res.metrics["toy_model"]["image_level"]["n_images"] == 4
+
+
+def test_run_folders_without_per_sample_rows_give_the_per_position_analysis_only(tmp_path):
+    """Folders whose tables cannot give the image level (no sample_rows.csv) but with maps: per position only, said
+    in the notes; with neither, a usage error that says both."""
+    from robustness_diag.analyses.inputs import flat_name
+    rng = np.random.default_rng(2)
+    images = [(f"m{i}.png", float(i), [(1, 0, 0.01)] * 2) for i in range(4)]
+    sdir, pdir = _run_folders(tmp_path, images)
+    (pdir / "sample_rows.csv").unlink()
+    res = C.run(C.CorrelateConfig(out=str(tmp_path / "o1"), run_dirs=[str(sdir), str(pdir)], n_resamples=5))
+    assert res.exit_code == 2 and "no image level" in res.error and "without --save-maps" in res.error
+    (sdir / "maps").mkdir()
+    (pdir / "maps").mkdir()
+    for i, (key, _, _) in enumerate(images):
+        score = rng.normal(size=(4, 4)) + i
+        np.save(sdir / "maps" / f"{flat_name(key)}.L1.npy", score.astype(np.float32))
+        mask = np.repeat(np.repeat(score > 3, 4, 0), 4, 1)[None].repeat(2, 0)
+        np.savez(pdir / "maps" / f"{flat_name(key)}.npz", artifact_mask=mask, explosion=mask.astype(np.float32),
+                 attribution=np.full(mask.shape, -1, np.int16), source=np.array(key))
+    (r,) = C.results_from_run_dirs([sdir, pdir])
+    assert r.images is None and r.obs is not None and r.obs.score.size == 4 * 16
+    assert any("image-level statistics not available" in n and "sample_rows.csv" in n for n in r.notes)
+    res = C.run(C.CorrelateConfig(out=str(tmp_path / "o2"), run_dirs=[str(sdir), str(pdir)], n_resamples=5))
+    assert res.exit_code == 0 and "auroc" in res.metrics["toy_model"] and "image_level" not in res.metrics["toy_model"]

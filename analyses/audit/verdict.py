@@ -68,7 +68,7 @@ def label(c: dict) -> str:
 
 # -- text of one rate / slope ---------------------------------------------------------------------------------------
 def rate_text(rec: dict, unit: str = "samples") -> str:
-    """``"83.3% of samples flagged (5 of 6 from 2 source photos; 95% CI 35.9%-99.6% exact binomial, 66.7%-100.0%
+    """``"83.3% of samples flagged (5 of 6 from 2 independent sources; 95% CI 35.9%-99.6% exact binomial, 66.7%-100.0%
     source bootstrap)"``, or for no event ``"0 of 12 samples flagged (the rate may still be up to 22.1%, one-sided
     95%, exact)"``.
 
@@ -86,10 +86,11 @@ def rate_text(rec: dict, unit: str = "samples") -> str:
     cis = []
     if rec.get("exact_ci"):
         cis.append(f"{rec['exact_ci'][0]:.1%}-{rec['exact_ci'][1]:.1%} exact binomial")
-    if rec.get("ci_low") is not None:
+    exact_shown = str((rec.get("interval") or {}).get("method", "")).startswith("exact")
+    if rec.get("ci_low") is not None and not exact_shown:      # at a rate of 1 the bootstrap cannot move
         cis.append(f"{rec['ci_low']:.1%}-{rec['ci_high']:.1%} source bootstrap")
     ci = f"; {conf:.0%} CI " + ", ".join(cis) if cis else ""
-    src = f" from {rec['n_sources']} source photos" if rec.get("n_sources") else ""
+    src = f" from {rec['n_sources']} independent sources" if rec.get("n_sources") else ""
     return f"{rec['value']:.1%} of {unit} flagged ({k} of {n}{src}{ci})"
 
 

@@ -63,7 +63,7 @@ def test_spline_flagged_83_percent_under_attack_is_out_of_range_artifacts_not_no
     assert head.startswith("out-of-range artifacts:") and "83.3% (5 of 6) flagged with the inverse-slope" in head
     assert "100.0% (6 of 6) flagged with the out-of-range objective" in head
     slope_line = next(r for r in v["reasons"] if r.startswith("adversarial LR within 8/255 (inverse-slope"))
-    assert "83.3% of samples flagged (5 of 6 from 2 source photos; 95% CI" in slope_line
+    assert "83.3% of samples flagged (5 of 6 from 2 independent sources; 95% CI" in slope_line
     assert "exact binomial" in slope_line and "flag rate above 5%" in slope_line
     assert "on fresh latents" in slope_line and "on the search's own latents" in slope_line
     # every degradation states its rate, with N and interval or upper bound

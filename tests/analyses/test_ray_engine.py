@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,11 +38,15 @@ def ray_instance():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     from robustness_diag.analyses.ray_engine import LOCAL_SYSTEM_CONFIG
+    token = Path.home() / ".ray" / "auth_token"      # Ray may write one for a local instance: leave home as found
+    had_token = token.exists()
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
              object_store_memory=200 * 1024 * 1024, _system_config=LOCAL_SYSTEM_CONFIG)
     yield
     ray.shutdown()
     torch.set_num_threads(threads)
+    if not had_token:
+        token.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")

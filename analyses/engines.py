@@ -52,12 +52,18 @@ class EngineOptions:
             else the CPUs divided by ``threads``).
         threads: torch threads per worker (None: this process's, ``torch.get_num_threads()``, i.e. the local run's,
             which makes the numbers identical to a local run's); a CPU worker reserves that many CPUs.
+        keep_s: seconds a worker process stays alive, idle, after the run (0: stopped with the run). Kept workers
+            are named actors of the cluster, one set per device and thread count: a later command on the same
+            cluster reuses their running processes instead of starting new ones (a new worker process imports
+            Python, torch and this package, seconds per worker); each run still loads its own flow into them. They
+            hold CPUs (or a GPU) while they wait.
     """
 
     kind: str = "local"
     address: Optional[str] = None
     workers: Optional[int] = None
     threads: Optional[int] = None
+    keep_s: float = 0.0
 
     @property
     def is_local(self) -> bool:
@@ -79,6 +85,8 @@ def engine_problem(opts: Optional[EngineOptions]) -> Optional[str]:
     for name, value in (("--ray-workers", opts.workers), ("--ray-threads", opts.threads)):
         if value is not None and int(value) < 1:
             return f"{name} must be an integer >= 1, got {value}"
+    if not opts.keep_s >= 0:
+        return f"--ray-keep-workers must be a number of seconds >= 0, got {opts.keep_s}"
     if not ray_installed():
         return f"--engine ray needs Ray, which is not installed: {RAY_INSTALL_HINT} (or pip install " \
                f"'ray>={RAY_MIN_VERSION}')"

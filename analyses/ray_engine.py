@@ -25,6 +25,11 @@ locally (the driver's table is the record). A bad image is its own error row, de
 run's reason. Worker set-up failures (e.g. robustness-diag missing on a node), a cluster that cannot be reached, or
 workers that do not start within :data:`START_TIMEOUT_S` are :class:`.engines.EngineError` (exit code 2, one line).
 
+Start-up: a new worker process imports Python, torch and this package (seconds per worker on a loaded machine)
+before it loads the flow. ``--ray-keep-workers SECONDS`` keeps the processes alive after a run as named actors of
+the cluster, so a later command with the same device and thread count starts on them at the cost of loading its
+flow (:class:`WorkerPool`).
+
 The audit's stress conditions (:func:`stress_units`) run the same way: one task per uncached condition, the flow and
 the fitted statistics held by each worker, results stored in the resume cache by the driver in suite order.
 """
@@ -32,12 +37,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 import os
 import resource
 import shutil
 import socket
 import tempfile
+import threading
+import time
+import uuid
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -50,6 +59,8 @@ from .folder_run import PreparedRun, process_item
 
 #: how often one image is sent to a worker before its row fails because its workers kept dying
 MAX_ATTEMPTS = 3
+#: Ray namespace of kept workers (named actors: one set per device and thread count, shared by the cluster's runs)
+NAMESPACE = "robustness-diag"
 #: seconds to wait for the workers to start (scheduled, flow loaded) before giving up with an EngineError
 START_TIMEOUT_S = float(os.environ.get("ROBUSTNESS_DIAG_RAY_START_TIMEOUT", "600"))
 #: seconds to wait for a TCP connection to a cluster address before calling it unreachable
@@ -139,48 +150,99 @@ def _peak_rss() -> int:
 
 
 class RayWorker:
-    """One worker (a Ray actor): ``builder(*args, files=, device=, workdir=)`` runs once, its result (the context:
-    a prepared command, a loaded flow) is handed to every :meth:`call`. ``files``: name -> (file name, object
-    reference of its bytes), written to a private folder first. A builder failure is kept and returned by every call
-    (``{"fatal": reason}``), so the driver can stop with the reason instead of retrying."""
+    """One worker (a Ray actor): a process with ``threads`` torch threads on ``device`` that holds one context per run.
 
-    def __init__(self, builder: Callable, args: tuple, files: dict, threads: int, device: str):
-        import ray
+    :meth:`setup` runs ``builder(*args, files=, device=, workdir=)`` once per run (``key``); its result (the context:
+    a prepared command, a loaded flow) is handed to every :meth:`call` of that run. ``files``: name -> (file name,
+    object reference of its bytes), written to a private folder first. A builder failure is kept and returned by
+    every call (``{"fatal": reason}``), so the driver can stop with the reason instead of retrying.
+    :meth:`release` drops a run's context. A worker kept after its run (``keep_s > 0``) ends its process once it has
+    held no context for ``keep_s`` seconds."""
+
+    def __init__(self, threads: int, device: str, keep_s: float = 0.0):
         import torch
         torch.set_num_threads(int(threads))
         self.device, self.threads = device, int(threads)
-        self.workdir = tempfile.mkdtemp(prefix="robustness-diag-worker-")
-        self.fatal: Optional[str] = None
-        self.context = None
+        self.contexts: dict = {}            # run key -> (context, private folder, fatal reason or None)
+        self.runs = 0                       # runs served by this process (> 1: a kept worker was reused)
+        self.keep_s = 0.0
+        self.last = time.monotonic()
+        self._expiry: Optional[threading.Thread] = None
+        self.keep(keep_s)
+
+    def keep(self, seconds: float) -> None:
+        """Stay alive ``seconds`` after the last run's context is released (0: until killed)."""
+        self.keep_s = float(seconds)
+        if self.keep_s > 0 and self._expiry is None:
+            self._expiry = threading.Thread(target=self._expire, daemon=True)
+            self._expiry.start()
+
+    def _expire(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.keep_s / 4))
+            if self.keep_s > 0 and not self.contexts and time.monotonic() - self.last > self.keep_s:
+                os._exit(0)                  # Ray sees the actor exit; its name is free again
+
+    def setup(self, key: str, builder: Callable, args: tuple, files: dict, keep_s: float = 0.0) -> dict:
+        """Builds run ``key``'s context; returns :meth:`info`."""
+        import ray
+        import torch
+        self.last = time.monotonic()
+        self.keep(max(self.keep_s, float(keep_s)))
+        torch.set_num_threads(self.threads)
+        workdir = tempfile.mkdtemp(prefix="robustness-diag-worker-")
+        context, fatal = None, None
         try:
             local = {}
             for name, (file_name, ref) in files.items():
-                folder = os.path.join(self.workdir, "files", name)
+                folder = os.path.join(workdir, "files", name)
                 os.makedirs(folder, exist_ok=True)
                 local[name] = os.path.join(folder, file_name)
                 with open(local[name], "wb") as fh:
                     fh.write(ray.get(ref))
-            self.context = builder(*args, files=local, device=device, workdir=self.workdir)
+            context = builder(*args, files=local, device=self.device, workdir=workdir)
         except Exception as e:  # reported by every call: the driver stops with this reason
-            self.fatal = f"{_first_line(e)} (on {socket.gethostname()})"
+            fatal = f"{_first_line(e)} (on {socket.gethostname()})"
+        self.contexts[key] = (context, workdir, fatal)
+        self.runs += 1
+        self.last = time.monotonic()
+        return self.info(key)
 
-    def info(self) -> dict:
+    def info(self, key: Optional[str] = None) -> dict:
         import ray
         import torch
+        fatal = self.contexts[key][2] if key in self.contexts else None
         return {"pid": os.getpid(), "host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(),
                 "device": self.device, "threads": torch.get_num_threads(), "peak_rss_bytes": _peak_rss(),
-                "error": self.fatal}
+                "runs": self.runs, "error": fatal}
 
-    def call(self, fn: Callable, *args) -> Any:
-        if self.fatal:
-            return {"fatal": self.fatal}
-        out = fn(self.context, *args)
+    def call(self, key: str, fn: Callable, *args) -> Any:
+        self.last = time.monotonic()
+        entry = self.contexts.get(key)
+        if entry is None:
+            return {"fatal": f"this worker holds no context for the run (on {socket.gethostname()})"}
+        if entry[2]:
+            return {"fatal": entry[2]}
+        try:
+            out = fn(entry[0], *args)
+        finally:
+            self.last = time.monotonic()
         if isinstance(out, dict):
             out.setdefault("worker", {"pid": os.getpid(), "peak_rss_bytes": _peak_rss()})
         return out
 
+    def release(self, key: str) -> None:
+        """Drops run ``key``'s context and its private folder."""
+        entry = self.contexts.pop(key, None)
+        if entry is not None:
+            shutil.rmtree(entry[1], ignore_errors=True)
+            del entry
+            gc.collect()
+        self.last = time.monotonic()
+
     def close(self) -> None:
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        for key in list(self.contexts):
+            self.release(key)
 
 
 @dataclass
@@ -229,6 +291,12 @@ class WorkerPool:
     it held are sent again (:meth:`run_ordered`). The actors themselves are not restarted by Ray (``max_restarts=0``):
     the pool does it, so it knows which tasks to resend and how often.
 
+    With ``opts.keep_s > 0`` the workers are the cluster's named, detached actors ``worker-<device>-<threads>t-<slot>``
+    in namespace :data:`NAMESPACE`: found running when an earlier run kept them (their process, torch and this
+    package already imported), started otherwise, and left running after :meth:`close` until they have been idle
+    ``keep_s`` seconds. Every run sets up its own context in them (keyed by the run), so runs that share workers
+    never see each other's flow or files; replacements of dead workers belong to the run alone.
+
     Arguments:
         builder, args: the worker context: ``builder(*args, files=, device=, workdir=)``.
         files: name -> local path of the files the workers need (put in the object store once).
@@ -239,20 +307,39 @@ class WorkerPool:
                  n_tasks: Optional[int] = None):
         import ray
         self.plan = plan_workers(opts, device, n_tasks)
+        self.key = uuid.uuid4().hex          # this run's contexts on the workers
+        self.keep_s = float(opts.keep_s or 0.0)
         self._refs = {name: (Path(p).name, ray.put(Path(p).read_bytes())) for name, p in files.items()}
         self._remote = ray.remote(max_restarts=0, max_task_retries=0, **self.plan["resources"])(RayWorker)
-        self._args = (builder, args, self._refs, self.plan["threads"], self.plan["device"])
-        self.actors = [self._remote.remote(*self._args) for _ in range(self.plan["workers"])]
-        self.generation = [0] * len(self.actors)
-        self._infos: list = [None] * len(self.actors)
+        self._builder = (builder, args)
+        n = self.plan["workers"]
+        self.kept = [self.keep_s > 0] * n    # slots held by named, detached workers that outlive the run
+        self.actors = [self._new_actor(i) for i in range(n)]
+        self._setups = [self._setup(a) for a in self.actors]
+        self.generation = [0] * n
+        self._infos: list = [None] * n
         self._ready = False
         self.replaced = 0                   # workers that died and were replaced
         self.lost_tasks = 0                 # task results lost with their worker (each sent again)
         self.failed_tasks = 0               # tasks given up after MAX_ATTEMPTS
         self.peaks: dict = {}               # worker pid -> peak resident bytes seen in its results
 
+    def _new_actor(self, slot: int):
+        """A worker for ``slot``: the cluster's kept worker of this name (started if absent) when ``kept``, else a
+        worker of this run alone."""
+        ctor = (self.plan["threads"], self.plan["device"], self.keep_s if self.kept[slot] else 0.0)
+        if not self.kept[slot]:
+            return self._remote.remote(*ctor)
+        name = f"worker-{self.plan['device']}-{self.plan['threads']}t-{slot}"
+        return self._remote.options(name=name, namespace=NAMESPACE, lifetime="detached",
+                                    get_if_exists=True).remote(*ctor)
+
+    def _setup(self, actor):
+        return actor.setup.remote(self.key, *self._builder, self._refs, self.keep_s)
+
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> list:
-        """Blocks until every worker is built; returns their :meth:`RayWorker.info`.
+        """Blocks until every worker has built this run's context; returns their :meth:`RayWorker.info`. A kept
+        worker that ended (its idle time ran out) just as this run found it is replaced once.
 
         Raises:
             EngineError: a worker's builder failed (its reason), or they did not start within ``timeout`` seconds.
@@ -261,14 +348,21 @@ class WorkerPool:
         from ray.exceptions import GetTimeoutError
         if self._ready:
             return self._infos
-        try:
-            infos = ray.get([a.info.remote() for a in self.actors], timeout=timeout)
-        except GetTimeoutError:
-            raise EngineError(f"the Ray workers did not start within {timeout:.0f} s (the cluster may lack the "
-                              f"resources: {self.plan['workers']} x {self.plan['resources']}; see 'ray status')"
-                              ) from None
-        except Exception as e:
-            raise EngineError(f"a Ray worker could not start: {_first_line(e)}") from None
+        deadline = time.monotonic() + timeout
+        infos = []
+        for slot in range(len(self.actors)):
+            for attempt in (0, 1):
+                try:
+                    infos.append(ray.get(self._setups[slot], timeout=max(0.0, deadline - time.monotonic())))
+                    break
+                except GetTimeoutError:
+                    raise EngineError(f"the Ray workers did not start within {timeout:.0f} s (the cluster may lack "
+                                      f"the resources: {self.plan['workers']} x {self.plan['resources']}; see 'ray "
+                                      f"status')") from None
+                except Exception as e:
+                    if attempt or not self.kept[slot]:
+                        raise EngineError(f"a Ray worker could not start: {_first_line(e)}") from None
+                    self._replace(slot, count=False)
         bad = [i["error"] for i in infos if i.get("error")]
         if bad:
             raise EngineError(f"a Ray worker could not start: {bad[0]}")
@@ -276,28 +370,34 @@ class WorkerPool:
         return infos
 
     def describe(self) -> dict:
-        """The pool for run.json: plan, workers (pid, host, device, threads, peak memory; replacements of dead
-        workers are listed by the pid their results came from), replaced workers, lost and failed tasks."""
+        """The pool for run.json: plan, workers (pid, host, device, threads, peak memory, ``reused``: a kept worker
+        process that served an earlier run; replacements of dead workers are listed by the pid their results came
+        from), replaced workers, lost and failed tasks, ``keep_s``."""
         workers, known = [], set()
         for i in self._infos:
             if i:
                 w = {k: i[k] for k in ("pid", "host", "device", "threads")}
                 w["peak_rss_bytes"] = max(self.peaks.get(i["pid"], 0), i.get("peak_rss_bytes", 0))
+                w["reused"] = i.get("runs", 1) > 1
                 workers.append(w)
                 known.add(i["pid"])
         workers += [{"pid": pid, "replacement": True, "peak_rss_bytes": peak} for pid, peak in self.peaks.items()
                     if pid not in known]
         return {"kind": "ray", "workers": workers, "threads": self.plan["threads"], "device": self.plan["device"],
-                "replaced_workers": self.replaced, "lost_tasks": self.lost_tasks, "failed_tasks": self.failed_tasks}
+                "replaced_workers": self.replaced, "lost_tasks": self.lost_tasks, "failed_tasks": self.failed_tasks,
+                "keep_s": self.keep_s}
 
-    def _replace(self, slot: int) -> None:
-        """A new worker in ``slot`` (the old one is dead, or unreachable: it is killed to be sure)."""
+    def _replace(self, slot: int, count: bool = True) -> None:
+        """A new worker of this run alone in ``slot`` (the old one is dead, or unreachable: it is killed to be sure),
+        its context set up first (a worker runs its calls in the order they were sent)."""
         import ray
         with contextlib.suppress(Exception):
             ray.kill(self.actors[slot], no_restart=True)
-        self.actors[slot] = self._remote.remote(*self._args)
+        self.kept[slot] = False
+        self.actors[slot] = self._new_actor(slot)
+        self._setups[slot] = self._setup(self.actors[slot])
         self.generation[slot] += 1
-        self.replaced += 1
+        self.replaced += int(count)
 
     def run_ordered(self, tasks: Iterable[tuple[Any, Optional[tuple]]], fn: Callable) -> Iterator[tuple[Any, Any]]:
         """Runs ``fn(context, *args)`` on the workers for each ``(key, args)`` of ``tasks`` (read lazily) and yields
@@ -326,7 +426,7 @@ class WorkerPool:
 
         def submit(s: int) -> None:
             a = min(range(n), key=lambda i: load[i])
-            ref = self.actors[a].call.remote(fn, *specs[s][1])
+            ref = self.actors[a].call.remote(self.key, fn, *specs[s][1])
             pending[ref] = (s, a, self.generation[a])
             load[a] += 1
 
@@ -385,13 +485,15 @@ class WorkerPool:
                     ray.cancel(ref, force=False)
 
     def close(self) -> None:
-        """Stops the workers (their private folders removed first, when they answer)."""
+        """Releases this run's contexts (private folders removed, when the workers answer) and stops the workers,
+        except the kept ones, which wait for the next run (``keep_s``)."""
         import ray
         with contextlib.suppress(Exception):
-            ray.get([a.close.remote() for a in self.actors], timeout=10)
-        for a in self.actors:
-            with contextlib.suppress(Exception):
-                ray.kill(a, no_restart=True)
+            ray.get([a.release.remote(self.key) for a in self.actors], timeout=10)
+        for a, kept in zip(self.actors, self.kept):
+            if not kept:
+                with contextlib.suppress(Exception):
+                    ray.kill(a, no_restart=True)
         self.actors = []
 
 

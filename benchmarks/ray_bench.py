@@ -7,6 +7,9 @@ is, ``ray start --head``; its start-up is reported apart):
   on ``--images`` LR images of ``--lr-size`` px (default 16 x 128 px, the issue's setting): the ratio of the
   end-to-end wall time of ``score.run`` (setup, flow loads, every image, the outputs) and of the loop alone (run.json
   ``timing.seconds``: from the first image to the last row, the workers already started). Target: <= 1.2.
+* ``overhead`` with a kept worker (``--ray-keep-workers``): the same ratio when the Ray worker process was started
+  by an earlier run on the cluster (one untimed run starts it) and is reused: no process start and torch import,
+  only the run's own flow load.
 * ``throughput``: two workers against one, each of ``--threads`` threads (2 cores here: the two workers fill the
   machine): the ratio of images per second (end to end and loop).
 * ``memory``: the peak resident memory of one worker (run.json ``engine.workers[].peak_rss_bytes``) after
@@ -24,6 +27,7 @@ reported with every time. The machine is shared with other jobs: wall times carr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -39,6 +43,8 @@ import numpy as np
 import torch
 
 TARGET = 1.2
+#: idle seconds a kept worker waits for the next run in the kept-worker measurement
+KEEP_S = 600.0
 CKPT = "bundled:sr4x_affine"
 COLUMNS = ("mean", "p95", "p99", "max", "frac_above")
 
@@ -132,11 +138,25 @@ def main() -> None:
                 times[name].append(score_once(stats, images, work / name, eng))
                 print(name, {k: round(v, 2) for k, v in times[name][-1].items() if k != "engine"}, flush=True)
 
+        # kept workers (--ray-keep-workers): one untimed run starts the named worker, then each timed run reuses it
+        kept = EngineOptions("ray", workers=1, threads=a.threads, keep_s=KEEP_S)
+        kept_start = score_once(stats, images, work / "ray_kept_first", kept)
+        times["local_vs_kept"], times["ray_1_kept_worker"] = [], []
+        for _ in range(a.repeats):
+            for name, eng in (("local_vs_kept", local), ("ray_1_kept_worker", kept)):
+                times[name].append(score_once(stats, images, work / name, eng))
+                print(name, {k: round(v, 2) for k, v in times[name][-1].items() if k != "engine"}, flush=True)
+        reused = all(w.get("reused") for t in times["ray_1_kept_worker"] for w in t["engine"]["workers"])
+        from robustness_diag.analyses.ray_engine import NAMESPACE
+        with contextlib.suppress(ValueError):        # stop the kept worker: it holds a CPU
+            ray.kill(ray.get_actor(f"worker-cpu-{a.threads}t-0", namespace=NAMESPACE))
+
         def med(name, key):
             return statistics.median(t[key] for t in times[name])
 
         overhead = {k: med("ray_1_worker", k) / med("local", k) for k in ("wall_s", "loop_s")}
         throughput = {k: med("ray_1_worker", k) / med("ray_2_workers", k) for k in ("wall_s", "loop_s")}
+        overhead_kept = {k: med("ray_1_kept_worker", k) / med("local_vs_kept", k) for k in ("wall_s", "loop_s")}
 
         memory, by_images = {}, {}
         for n in (8, 32, 64):
@@ -169,6 +189,12 @@ def main() -> None:
             "benchmark": "score on Ray workers vs the local engine (analyses/ray_engine.py)",
             "target_overhead_ratio": TARGET,
             "overhead_ratio_1_worker_vs_local": overhead,
+            "overhead_ratio_1_kept_worker_vs_local": overhead_kept,
+            "kept_worker": {"keep_s": KEEP_S, "reused_in_every_timed_run": reused,
+                            "first_run_wall_s": kept_start["wall_s"],
+                            "note": "--ray-keep-workers: the worker process of an earlier run on the same cluster "
+                                    "is reused (no process start, no torch import); each run still loads its flow. "
+                                    "One untimed run started it; the timed runs alternate with local runs."},
             "throughput_ratio_2_workers_vs_1": throughput,
             "peak_rss_bytes_per_worker_by_images": memory,
             "peak_rss_spread": (max(mem_values) - min(mem_values)) / min(mem_values),
@@ -191,6 +217,7 @@ def main() -> None:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: result[k] for k in ("overhead_ratio_1_worker_vs_local",
+                                                 "overhead_ratio_1_kept_worker_vs_local",
                                                  "throughput_ratio_2_workers_vs_1", "startup_s",
                                                  "overhead_by_images", "peak_rss_bytes_per_worker_by_images",
                                                  "numbers")}, indent=1))

@@ -2,8 +2,9 @@
 
 ``--engine local|ray`` (default local: this process, as always), ``--ray-address ADDRESS`` (default: ``RAY_ADDRESS``
 from the environment, else a private local Ray instance started for the run), ``--ray-workers N`` and
-``--ray-threads N`` (see :class:`robustness_diag.analyses.engines.EngineOptions`). Ray is an optional dependency:
-:func:`engine_error` says how to install it when it is missing. A cluster that cannot be reached is reported by the
+``--ray-threads N``, ``--ray-keep-workers SECONDS`` (see
+:class:`robustness_diag.analyses.engines.EngineOptions`). Ray is an optional dependency: :func:`engine_error` says
+how to install it when it is missing. A cluster that cannot be reached is reported by the
 command in one line with exit code 2.
 """
 from __future__ import annotations
@@ -31,13 +32,18 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--ray-threads", type=opt.positive_int, default=None, metavar="N",
                    help="torch threads (and CPUs reserved) per Ray worker (an integer >= 1; default: this "
                         "process's thread count, the local run's, which gives numbers identical to a local run)")
+    e.add_argument("--ray-keep-workers", type=float, default=None, metavar="SECONDS",
+                   help="keep the Ray workers' processes alive this long, idle, after the run (default 0: stopped "
+                        "with it), so that the next command on the same cluster starts without the seconds a new "
+                        "worker spends importing torch; they hold their CPUs (or GPU) while they wait")
 
 
 def engine_options(args):
     """The :class:`robustness_diag.analyses.engines.EngineOptions` of parsed arguments."""
     from robustness_diag.analyses.engines import EngineOptions
     return EngineOptions(kind=getattr(args, "engine", "local") or "local", address=getattr(args, "ray_address", None),
-                         workers=getattr(args, "ray_workers", None), threads=getattr(args, "ray_threads", None))
+                         workers=getattr(args, "ray_workers", None), threads=getattr(args, "ray_threads", None),
+                         keep_s=getattr(args, "ray_keep_workers", None) or 0.0)
 
 
 def engine_error(args, prog: str) -> Optional[str]:
@@ -46,7 +52,8 @@ def engine_error(args, prog: str) -> Optional[str]:
     from robustness_diag.analyses.engines import engine_problem
     if getattr(args, "engine", "local") == "local":
         given = [n for n, v in (("--ray-address", args.ray_address), ("--ray-workers", args.ray_workers),
-                                ("--ray-threads", args.ray_threads)) if v is not None]
+                                ("--ray-threads", args.ray_threads),
+                                ("--ray-keep-workers", getattr(args, "ray_keep_workers", None))) if v is not None]
         return f"{prog}: {', '.join(given)} need(s) --engine ray" if given else None
     problem = engine_problem(engine_options(args))
     return f"{prog}: {problem}" if problem else None

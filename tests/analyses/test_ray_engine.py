@@ -202,6 +202,30 @@ def test_resume_on_ray_continues_a_partial_table(data, local_sample):
         assert got == want, table
 
 
+def test_kept_workers_serve_the_next_run_and_end_when_idle(data):
+    """--ray-keep-workers: a second run finds the first run's worker process (same pid, marked reused) and writes
+    the same rows; the first run's own worker was new; once idle past the time, the worker process ends."""
+    from robustness_diag.analyses.ray_engine import NAMESPACE
+    args = ["score", CKPT, "--stats", str(data["stats"]), "--images", str(data["lr"]), "--engine", "ray",
+            "--ray-workers", "1", "--ray-threads", "1", "--ray-keep-workers", "2", "--no-progress"]
+    runs = []
+    for tag in ("keep_a", "keep_b"):
+        assert main([*args, "--out", str(data["root"] / tag)]) == 1          # 1: the broken file's row
+        runs.append(json.loads((data["root"] / tag / "run.json").read_text())["engine"])
+    (a,), (b,) = runs[0]["workers"], runs[1]["workers"]
+    assert a["pid"] == b["pid"] and not a["reused"] and b["reused"] and runs[1]["keep_s"] == 2.0
+    assert _rows(data["root"] / "keep_a" / "scores.csv") == _rows(data["root"] / "keep_b" / "scores.csv")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            ray.get_actor("worker-cpu-1t-0", namespace=NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the kept worker did not end after its idle time")
+
+
 def test_ray_options_without_the_ray_engine_are_refused(data, capsys):
     assert main(["sample", CKPT, "--images", str(data["lr"]), "--out", str(data["root"] / "x"),
                  "--ray-workers", "2"]) == 2

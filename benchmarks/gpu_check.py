@@ -10,12 +10,16 @@ One short run (about a minute on one GPU) that, for both bundled flows:
 2. counts the host-synchronising CUDA calls (``torch.cuda.set_sync_debug_mode``) of a traced decode against a plain
    one with the same device-resident latents: the hooks must add none;
 3. times plain sampling against sampling with detection and against ``safe_sample`` (interleaved, medians, CUDA
-   synchronised) and reports the ratios (target trace / plain <= 1.05).
+   synchronised) and reports the ratios (target trace / plain <= 1.05);
+4. runs the real-size benchmark (``benchmarks/realsize_bench.py``: the official SRFlow-DF2K 4X and 8X architectures,
+   LR photos from 64x64 to 480x270) on CUDA: the same ratios (plain, traced full and compact, safe, score, fit,
+   conditioner), images per second and peak CUDA memory per variant (``--realsize none`` skips it; a few minutes on
+   one GPU). Its rows are also written to ``realsize_gpu.json`` beside the summary.
 
 Without CUDA it prints a message and exits 0. Exit 1 when an assertion fails. Writes the summary as JSON to
 ``--out`` (default ``$OUT/gpu_check.json`` when ``$OUT`` is set) and prints it.
 
-``python benchmarks/gpu_check.py [--repeats 20] [--out FILE]``
+``python benchmarks/gpu_check.py [--repeats 20] [--realsize full|quick|none] [--out FILE]``
 """
 from __future__ import annotations
 
@@ -158,6 +162,17 @@ def time_overhead(flow, lr: torch.Tensor, repeats: int, heat: float = 0.9) -> di
     return {"median_s": med, "ratio": {k: med[k] / med["plain"] for k in med if k != "plain"}}
 
 
+def realsize(plan: str = "full") -> dict:
+    """The real-size benchmark (``benchmarks/realsize_bench.py``) on CUDA: ``plan`` "full" (every size of the CPU
+    table plus the 8X architecture up to 240x136, 5 repeats) or "quick"."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("realsize_bench", Path(__file__).with_name("realsize_bench.py"))
+    rb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rb)
+    rows = rb.GPU_PLAN if plan == "full" else rb.QUICK_PLAN
+    return rb.run(rows, device="cuda", threads=0)
+
+
 def run(repeats: int = 20, timing_batch: int = 16, timing_lr: int = 32) -> tuple[dict, list[str]]:
     dev = torch.device("cuda")
     summary = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "flows": {},
@@ -188,9 +203,15 @@ def run(repeats: int = 20, timing_batch: int = 16, timing_lr: int = 32) -> tuple
     return summary, failures
 
 
+def _json_default(v):
+    return None if isinstance(v, float) and math.isnan(v) else str(v)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--realsize", choices=("full", "quick", "none"), default="full",
+                   help="the real-size benchmark on CUDA (default full; none skips it)")
     p.add_argument("--out", default=os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT")
                    else None)
     a = p.parse_args(argv)
@@ -198,9 +219,21 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA device (torch.cuda.is_available() is False); nothing to check.")
         return 0
     summary, failures = run(a.repeats)
-    text = json.dumps(summary, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
-    if a.out:
+    if a.out:                                  # the agreement checks are kept even if the real-size run fails
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(summary, indent=1, default=_json_default))
+    if a.realsize != "none":
+        try:
+            summary["realsize"] = realsize(a.realsize)
+            if not summary["realsize"]["target_met"]:
+                print("gpu_check: real-size targets missed (see realsize.rows[].target_met)", file=sys.stderr)
+        except Exception as e:                 # report, keep the rest of the summary
+            failures.append(f"realsize benchmark: {type(e).__name__}: {e}")
+        if a.out and "realsize" in summary:
+            Path(a.out).with_name("realsize_gpu.json").write_text(
+                json.dumps(summary["realsize"], indent=1, default=_json_default))
+    text = json.dumps(summary, indent=1, default=_json_default)
+    if a.out:
         Path(a.out).write_text(text)
     print(text)
     if failures:

@@ -12,9 +12,17 @@ mode: with ``keep_layer_maps`` the hooks only reduce over channels and both are 
 layers (one batch per resolution) and to whole levels; without it ("compact") they are applied inside the pass to
 one layer or stage at a time. Nothing here synchronises with the host (no ``.item()``, ``.cpu()`` or branching on
 tensor values): Python branches only on shapes and counts.
+
+Memory: every map the pass keeps (per-layer and per-stage maps, split priors, running level maps) is written with
+``out=`` into slots of a :class:`MapStore`. On the CPU its chunks are larger than glibc's largest mmap threshold, so
+the kept maps never land in the malloc heap between the sampling pass's own temporaries: small long-lived blocks
+carved out of freed temporaries made the heap grow by up to a few hundred MB per pass at real image sizes (peak
+memory 1.1-1.45x plain sampling, varying from run to run with the heap layout). The kept data itself is a few
+channels' worth of maps per layer at the layer's resolution (see ``benchmarks/realsize_bench.py``).
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Callable, Optional, Sequence
 
@@ -28,18 +36,68 @@ from .records import LayerRecord, StageRecord
 _INF = float("inf")
 
 
-def carry(x: Tensor, factor: int) -> Tensor:
-    """Repeats every position of a map (N, h, w) over a ``factor x factor`` block: (N, h*factor, w*factor)."""
+def carry(x: Tensor, factor: int, out: Optional[Tensor] = None) -> Tensor:
+    """Repeats every position of a map (N, h, w) over a ``factor x factor`` block: (N, h*factor, w*factor), written
+    into ``out`` (contiguous, that shape) when given."""
     if factor == 1:
-        return x
+        return x if out is None else out.copy_(x)
     n, h, w = x.shape
-    return x[:, :, None, :, None].expand(n, h, factor, w, factor).reshape(n, h * factor, w * factor)
+    blocks = x[:, :, None, :, None].expand(n, h, factor, w, factor)
+    if out is not None:
+        out.view(n, h, factor, w, factor).copy_(blocks)
+        return out
+    return blocks.reshape(n, h * factor, w * factor)
+
+
+#: A CPU chunk of a :class:`MapStore` whose slots need at least :data:`LARGE_CHUNK_BYTES` is rounded up to this size:
+#: above glibc's largest dynamic mmap threshold (32 MiB on 64-bit systems), so it is always a mapping of its own
+#: (untouched slots cost address space, not memory) and freeing it never raises the threshold that plain sampling's
+#: allocations see. Smaller chunks (small images) are allocated as they are.
+CHUNK_BYTES = 33 << 20
+LARGE_CHUNK_BYTES = 4 << 20
+
+
+class MapStore:
+    """Slots for the maps a traced pass keeps, allocated in chunks of equal-shaped slots.
+
+    Arguments:
+        pooled: take slots from chunks (the CPU); False: every slot is its own tensor (devices with a caching
+            allocator, where unused slots would be real memory).
+    """
+
+    def __init__(self, pooled: bool):
+        self.pooled = pooled
+        self.chunks: dict = {}                       # (shape, dtype, device) -> [chunk (k, *shape), slots used]
+
+    def take(self, shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = None, hint: int = 4) -> Tensor:
+        """An uninitialised contiguous tensor of ``shape`` on ``like``'s device, dtype ``dtype`` (default
+        ``like``'s). ``hint``: how many slots of this shape are expected (the size of a new chunk)."""
+        dtype = like.dtype if dtype is None else dtype
+        shape = tuple(shape)
+        if not self.pooled:
+            return like.new_empty(shape, dtype=dtype)
+        key = (shape, dtype, like.device)
+        c = self.chunks.get(key)
+        if c is None or c[1] == c[0].shape[0]:
+            slot_bytes = max(1, math.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            n = max(1, hint)
+            if n * slot_bytes >= LARGE_CHUNK_BYTES:
+                n = max(n, -(-CHUNK_BYTES // slot_bytes))
+            c = [like.new_empty((n, *shape), dtype=dtype), 0]
+            self.chunks[key] = c
+        c[1] += 1
+        return c[0][c[1] - 1]
 
 
 def absmax(z: Tensor) -> Tensor:
     """Max over channels of |z|, (N, C, H, W) -> (N, H, W); NaN propagates (abs + amax: far faster on CPU than
     ``vector_norm(ord=inf)``)."""
     return z.abs().amax(dim=1)
+
+
+def absmax_into(z: Tensor, out: Tensor) -> Tensor:
+    """:func:`absmax` written into ``out`` (N, H, W)."""
+    return torch.amax(z.abs(), dim=1, out=out)
 
 
 def to_hr(maps: dict, h: int, empty: Tensor, combine: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
@@ -102,6 +160,7 @@ class Recorder:
         self.threshold = float(growth_threshold)
         self.floor = float(growth_floor)
         self.keep = keep_layer_maps
+        self.store = MapStore(pooled=z_top.device.type == "cpu")
         self.top_a = absmax(z_top)                                             # (N, h, w)
         self.records: list[LayerRecord] = []
         self.stages: dict[str, StageRecord] = {}
@@ -111,7 +170,20 @@ class Recorder:
         # running growth state: the activation map entering the next layer, (1 + first exploding index) so far
         self.prev_a = self.top_a
         self.first_plus1: Optional[Tensor] = None
-        self.peaks: list[tuple[Tensor, Tensor]] = []                            # (act max, growth max), (k, N) per run
+        # per-layer (act max, growth max) over positions, filled run by run: (2, layers, N), NaN kept until finish
+        self.peaks = z_top.new_empty(2, max(1, len(plan.layers)), z_top.shape[0])
+        self.n_peaks = 0
+        self._ping = 0                                                          # compact: alternate act-map slots
+        self._act_slots: dict = {}
+        # kept maps expected per trace level (a chunk's size): one per layer, two per coupling stage (up to three
+        # stages), a split prior's; more (HCFlow's conditional-flow stages) open another chunk
+        self.expected: dict[int, int] = {}
+        for layer, level in zip(plan.layers, plan.level_of):
+            self.expected[level] = self.expected.get(level, 1) + (7 if plan.kind(layer) == "coupling" else 1)
+
+    def _map(self, like: Tensor, level: int) -> Tensor:
+        """A kept-map slot shaped like ``like`` with its channel dimension reduced: (N, H, W) from (N, C, H, W)."""
+        return self.store.take((like.shape[0], *like.shape[2:]), like, hint=self.expected.get(level, 4))
 
     # -- the two shared computations ---------------------------------------------------------------------------------
     def accumulate(self, level: int, ladj: Tensor, slope: Optional[Tensor]) -> Optional[Tensor]:
@@ -126,16 +198,26 @@ class Recorder:
         Returns:
             The per-stage maxima over positions, NaN ignored (-inf where all NaN): (N,) for one map, (k, N) for ``k``;
             None without ``slope``.
+
+        The running maps are updated in place (their first value is copied into a slot of the store).
         """
         new = ladj.sum(dim=0) if ladj.dim() == 4 else ladj
         acc = self.level_ladj.get(level)
-        self.level_ladj[level] = new if acc is None else acc + new
+        if acc is None or acc.dtype != new.dtype:
+            acc = new if acc is None else acc + new
+            self.level_ladj[level] = self.store.take(acc.shape, acc).copy_(acc)
+        else:
+            acc.add_(new)
         if slope is None:
             return None
         m = torch.nan_to_num(slope, nan=-_INF)
         new, per_stage = (m.amax(dim=0), m.flatten(2).amax(dim=2)) if m.dim() == 4 else (m, m.flatten(1).amax(dim=1))
         cur = self.level_slope.get(level)
-        self.level_slope[level] = new if cur is None else torch.maximum(cur, new)
+        if cur is None or cur.dtype != new.dtype:
+            cur = new if cur is None else torch.maximum(cur, new)
+            self.level_slope[level] = self.store.take(cur.shape, cur).copy_(cur)
+        else:
+            torch.maximum(cur, new, out=cur)
         return per_stage
 
     def advance(self, group: Sequence[LayerRecord], maps: Sequence[Tensor]) -> None:
@@ -148,25 +230,37 @@ class Recorder:
             f = shape[-1] // prev.shape[-1]
             prev = carry(prev, f)
             if self.first_plus1 is not None:
-                self.first_plus1 = carry(self.first_plus1, f)
+                fp = self.first_plus1
+                self.first_plus1 = carry(fp, f, self.store.take(shape, fp))
         if len(maps) == 1:                                                      # views, no copy
             inputs, outputs = prev[None], maps[0][None]
         else:
             chain = torch.stack([prev, *maps])                                  # (k + 1, N, H, W)
             inputs, outputs = chain[:-1], chain[1:]
         growth, run_first = growth_and_first(inputs, outputs, group[0].index, self.floor, self.threshold)
-        self.first_plus1 = run_first if self.first_plus1 is None else torch.maximum(self.first_plus1, run_first)
+        fp = self.first_plus1
+        if fp is None or fp.dtype != torch.promote_types(fp.dtype, run_first.dtype):
+            fp = run_first if fp is None else torch.maximum(fp, run_first)
+            self.first_plus1 = self.store.take(fp.shape, fp).copy_(fp)
+        else:
+            torch.maximum(fp, run_first, out=fp)
         self.prev_a = maps[-1]
-        self.peaks.append((outputs.flatten(2).amax(dim=2), growth.flatten(2).amax(dim=2)))   # NaN kept here
+        k, r = len(maps), self.n_peaks
+        if r + k > self.peaks.shape[1]:                                         # more layers than the plan lists
+            self.peaks = torch.cat([self.peaks, self.peaks.new_empty(2, r + k, self.peaks.shape[2])], dim=1)
+        torch.amax(outputs.flatten(2), dim=2, out=self.peaks[0, r:r + k])       # NaN kept here
+        torch.amax(growth.flatten(2), dim=2, out=self.peaks[1, r:r + k])
+        self.n_peaks = r + k
         if self.keep:
-            for r, gm in zip(group, growth.unbind(0)):
-                r.growth_map = gm
+            for rec, gm in zip(group, growth.unbind(0)):
+                rec.growth_map = gm
 
     # -- hooks -------------------------------------------------------------------------------------------------------
     def add_split_logs(self, level: int, logs: Tensor) -> None:
         """Adds a split prior's per-position log-scale sum (N, H_l, W_l) to the level's inverse log-Jacobian."""
         if self.keep:
-            self.split_logs.append((level, logs))
+            self.split_logs.append((level, self.store.take(logs.shape, logs, hint=self.expected.get(level, 4))
+                                    .copy_(logs)))
         else:
             self.accumulate(level, logs, None)
 
@@ -177,19 +271,27 @@ class Recorder:
 
         def tracer(stage: str, ladj: Tensor) -> None:
             level, stage = plan.stage(key, stage)
-            mx = torch.amax(ladj, dim=1)          # (N, H_l, W_l)
-            sm = ladj.sum(dim=1)
-            if self.keep:
+            if self.keep:                         # (N, H_l, W_l) each, straight into kept slots
+                mx = torch.amax(ladj, dim=1, out=self._map(ladj, level))
+                sm = torch.sum(ladj, dim=1, out=self._map(ladj, level))
                 stages[stage] = StageRecord(None, mx, sm)
             else:
-                stages[stage] = StageRecord(self.accumulate(level, sm, mx))
+                stages[stage] = StageRecord(self.accumulate(level, ladj.sum(dim=1), torch.amax(ladj, dim=1)))
 
         return tracer
 
     def layer_callback(self, index: int, layer, z: Tensor) -> None:
         """Records layer ``index``'s output ``z`` (N, C, H_out, W_out) with the stages traced since the last call."""
-        a = absmax(z)                                                           # (N, H_out, W_out)
         level = self.plan.level_of[index]
+        if self.keep:
+            a = absmax_into(z, self._map(z, level))                             # (N, H_out, W_out), kept
+        else:                                                                   # two alternating slots per shape
+            key = (z.shape[0], *z.shape[2:], z.dtype)
+            slots = self._act_slots.get(key)
+            if slots is None:
+                slots = self._act_slots[key] = (self._map(z, -1), self._map(z, -1))
+            self._ping ^= 1
+            a = absmax_into(z, slots[self._ping])
         logs = self.plan.split_logs(layer, z)
         if logs is not None:
             self.add_split_logs(level, logs)
@@ -216,10 +318,9 @@ class Recorder:
                     j += 1
                 self.advance(recs[i:j], [r.act_max_map for r in recs[i:j]])
                 i = j
-        if self.peaks:
-            both = torch.nan_to_num(torch.cat([p[0] for p in self.peaks] + [p[1] for p in self.peaks]), nan=_INF)
-            n = len(self.records)
-            for r, am, gr in zip(self.records, both[:n], both[n:]):
+        if self.n_peaks:
+            both = torch.nan_to_num(self.peaks[:, :self.n_peaks], nan=_INF)
+            for r, am, gr in zip(self.records, both[0], both[1]):
                 r.act_max, r.growth = am, gr
         if self.first_plus1 is None:
             return torch.full(self.top_a.shape, -1, dtype=torch.long, device=self.top_a.device)
@@ -279,4 +380,5 @@ class Recorder:
 _CONSTANTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-__all__ = ["Recorder", "growth_and_first", "carry", "absmax", "to_hr"]
+__all__ = ["Recorder", "MapStore", "growth_and_first", "carry", "absmax", "absmax_into", "to_hr",
+           "CHUNK_BYTES", "LARGE_CHUNK_BYTES"]

@@ -93,6 +93,15 @@ def _region(mask: Tensor, size: tuple[int, int], margin: int) -> Tensor:
     return m > 0
 
 
+def guard(image: Tensor, upper: float = UPPER, lower: float = LOWER) -> tuple[Tensor, Tensor, bool]:
+    """The check :func:`safe_sample` adds to a plain sampling pass: ``(bad, source, any_bad)`` for ``image``
+    (N, 3, H, W): the artifact mask (N, H, W), an all-:data:`ORIGINAL` source map (int8, N x H x W) and whether any
+    pixel is bad (the one host sync)."""
+    bad = artifact_masks(image, upper, lower)[0]
+    source = torch.zeros(bad.shape, dtype=torch.int8, device=bad.device)
+    return bad, source, bool(bad.any())
+
+
 @torch.no_grad()
 def safe_sample(flow: Flow, lr: Tensor, heat: Optional[float] = None, n_samples: int = 1,
                 generator: Optional[torch.Generator] = None, *, latents: Optional[list] = None,
@@ -122,10 +131,9 @@ def safe_sample(flow: Flow, lr: Tensor, heat: Optional[float] = None, n_samples:
     heat, lr_rep, std, latents = replicate_inputs(flow, lr, heat, n_samples, generator, latents, std)
     heats = tuple(float(h) for h in (heats if heats is not None else (heat / 2, heat / 4, 0.0)))
     image = flow.sample(lr_rep, heat, None, latents, std)
-    bad = artifact_masks(image, upper, lower)[0]
-    source = torch.zeros(bad.shape, dtype=torch.int8, device=bad.device)
+    bad, source, any_bad = guard(image, upper, lower)
     result = SafeSampleResult(image, bad, source, bad, heats, heat)
-    if not bool(bad.any()):                                    # the guard's only sync when nothing is wrong
+    if not any_bad:                                            # the guard's only sync when nothing is wrong
         return result
     image = image.clone()
     rows = bad.flatten(1).any(dim=1).nonzero().flatten()      # repair only the affected samples

@@ -82,7 +82,7 @@ class ConditionalCoupling(FlowLayer):
         if stage == "std":
             std = cond.std.expand(z1.shape[0], -1, -1, -1)
             return self.make_bijection(getattr(self, std_name)(torch.cat([z1, std], dim=1)), self.c_co)
-        return self.make_bijection(getattr(self, self_name)(torch.cat([z1, cond.features], dim=1)), self.c_co)
+        return self.make_bijection(getattr(self, self_name)(cond.with_features(z1)), self.c_co)
 
     def forward_map(self, x: Tensor, cond: LevelCondition | None = None) -> tuple[Tensor, Tensor]:
         z = x

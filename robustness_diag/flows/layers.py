@@ -12,7 +12,7 @@ contract form ``(y, ladj)`` with ``ladj`` summed over all non-batch dims, shape 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,32 @@ class LevelCondition:
     Attributes:
         features: conditioner features ``ft`` at the level's resolution, ``[B, C_cond, H, W]`` (320 ch for SRFlow).
         std: NCSR noise-level map resized to ``[B, std_channels, H, W]``, or None (the std branch is then skipped).
+        scratch: a dict shared by the conditions of one pass (:meth:`with_features` keeps its buffer there), or None.
     """
 
     features: Tensor | None = None
     std: Tensor | None = None
+    scratch: dict | None = field(default=None, repr=False, compare=False)
+
+    def with_features(self, z1: Tensor) -> Tensor:
+        """``torch.cat([z1, features], dim=1)``. With a ``scratch`` dict (shared by the conditions of one pass) and
+        without autograd, the result is a buffer reused by every coupling of the level: the features are copied in
+        once per level, ``z1`` at each call, and the previous level's buffer is freed first (bitwise the same
+        tensor; at real image sizes a fresh 320-channel concatenation per coupling was a new memory mapping to fault
+        in each time). The returned tensor is valid until the next call.
+        """
+        f = self.features
+        if self.scratch is None or f is None or torch.is_grad_enabled():
+            return torch.cat([z1, f], dim=1)
+        c, buf = z1.shape[1], self.scratch.get("joined")
+        if (buf is None or self.scratch.get("features") is not f or buf.dtype != z1.dtype
+                or buf.device != z1.device or buf.shape != (z1.shape[0], c + f.shape[1], *z1.shape[2:])):
+            self.scratch.clear()                                   # the previous level's buffer goes first
+            buf = torch.empty((z1.shape[0], c + f.shape[1], *z1.shape[2:]), dtype=z1.dtype, device=z1.device)
+            buf[:, c:] = f
+            self.scratch.update(joined=buf, features=f)
+        buf[:, :c] = z1
+        return buf
 
 
 def _zeros_map(x: Tensor) -> Tensor:
@@ -196,7 +218,12 @@ class GlowConv2d(nn.Module):
         self.padding = (kernel_size - 1) // 2
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.actnorm.apply_encode(F.conv2d(x, self.weight, padding=self.padding))
+        h = F.conv2d(x, self.weight, padding=self.padding)
+        if torch.is_grad_enabled() or self.actnorm.init_pending:
+            return self.actnorm.apply_encode(h)
+        # without autograd: the same two element-wise ops, in place on the fresh conv output (no second and third
+        # activation-sized tensor: at real image sizes each would be a new memory mapping to fault in)
+        return h.add_(self.actnorm.bias).mul_(torch.exp(self.actnorm.logs))
 
 
 class Conv2dZeros(nn.Module):
@@ -218,8 +245,8 @@ class Conv2dZeros(nn.Module):
 def coupling_subnet(in_channels: int, out_channels: int, hidden: int = 64, kernel_hidden: int = 1) -> nn.Sequential:
     """SRFlow's coupling network F: ``Conv3x3+ActNorm, ReLU, Conv(k)+ActNorm, ReLU, Conv2dZeros`` (indices 0..4)."""
     return nn.Sequential(
-        GlowConv2d(in_channels, hidden, 3), nn.ReLU(),
-        GlowConv2d(hidden, hidden, kernel_hidden), nn.ReLU(),
+        GlowConv2d(in_channels, hidden, 3), nn.ReLU(inplace=True),        # on GlowConv2d's own output: safe
+        GlowConv2d(hidden, hidden, kernel_hidden), nn.ReLU(inplace=True),
         Conv2dZeros(hidden, out_channels),
     )
 

@@ -195,7 +195,8 @@ class LLFlow(SRFlowFamily):
 
     def _conds_and_mean(self, lr: Tensor) -> tuple[dict[int, LevelCondition], Tensor]:
         feats = self._conditioning(lr)
-        conds = {level: LevelCondition(feats[name], None) for level, name in self.level_names.items()}
+        scratch: dict = {}                        # one concatenation buffer for the pass (LevelCondition)
+        conds = {level: LevelCondition(feats[name], None, scratch) for level, name in self.level_names.items()}
         return conds, squeeze2d(feats["color_map"], PRIOR_SQUEEZE)
 
     def _check_lr(self, lr: Tensor) -> None:

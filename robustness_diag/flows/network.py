@@ -151,10 +151,10 @@ class SRFlowFamily(Flow):
 
     def _level_conditions(self, lr: Tensor, std: Optional[Tensor]) -> dict[int, LevelCondition]:
         feats = self.features(lr)
-        conds = {}
+        conds, scratch = {}, {}                   # one concatenation buffer for the pass (LevelCondition)
         for level in range(1, self.config.L + 1):
             ft = feats[self.level_names[level]]
-            conds[level] = LevelCondition(ft, self._std_map(std, ft))
+            conds[level] = LevelCondition(ft, self._std_map(std, ft), scratch)
         return conds
 
     def _std_map(self, std: Optional[Tensor], ft: Tensor) -> Optional[Tensor]:

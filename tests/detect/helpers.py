@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -80,3 +82,12 @@ def spy_stage(flow, layer_index: int, stage_channels: int) -> list:
 
     coupling.make_bijection = patched
     return log
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` of the checkout (benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,23 +1,14 @@
 """benchmarks/gpu_check.py: its comparison logic (CPU vs CPU here, CPU vs CUDA with the gpu marker)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.detect.helpers import lr_batch, tiny_flow
-
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
-
+from tests.detect.helpers import load_benchmark, lr_batch, tiny_flow
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("gpu_check")
 
 
 def test_same_device_comparison_agrees_exactly(gpu_check):

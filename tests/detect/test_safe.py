@@ -84,3 +84,25 @@ def test_lower_heat_repairs_heat_driven_artifacts():
 def test_bad_fallback_is_refused():
     with pytest.raises(ValueError, match="fallback"):
         safe_sample(tiny_flow("affine"), lr_batch(1), fallback="zeros")
+
+
+def test_guard_is_the_mask_and_one_flag():
+    """The clean-input check of safe_sample: the reference mask, an all-original source map and one boolean."""
+    from robustness_diag.detect.safe import ORIGINAL, guard
+    image = torch.full((2, 3, 4, 5), 0.5)
+    bad, source, any_bad = guard(image)
+    assert not any_bad and bad.shape == (2, 4, 5) and not bad.any()
+    assert source.dtype == torch.int8 and bool((source == ORIGINAL).all())
+    image[1, 2, 3, 4] = 1.6
+    image[0, 0, 0, 0] = float("nan")
+    bad, _, any_bad = guard(image)
+    assert any_bad and bad.sum() == 2 and bad[1, 3, 4] and bad[0, 0, 0]
+
+
+def test_safe_sample_builds_no_autograd_graph():
+    """Sampling needs no gradients: with parameters that require them, the samples still carry no graph (a graph
+    would keep every activation of the pass alive: several times the memory of plain sampling)."""
+    flow = tiny_flow("affine")
+    assert any(p.requires_grad for p in flow.parameters())
+    r = safe_sample(flow, lr_batch(1), 0.9, 1, torch.Generator().manual_seed(0))
+    assert not r.image.requires_grad and r.image.grad_fn is None

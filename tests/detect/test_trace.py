@@ -255,3 +255,31 @@ def test_constant_terms_follow_parameter_changes():
         total = sum(m.sum(dim=(1, 2)) for m in r.level_maps.values())
         torch.testing.assert_close(total, r.ladj, rtol=1e-5, atol=1e-3)
         assert r.level_maps[1].dtype == x.dtype
+
+
+def test_map_store_slots_are_distinct_and_chunked():
+    """Slots never overlap; a full chunk is followed by a new one; chunks of large maps exceed glibc's mmap
+    threshold, small ones are as large as asked."""
+    from robustness_diag.detect.recorder import CHUNK_BYTES, MapStore
+    like = torch.zeros(1)
+    store = MapStore(pooled=True)
+    slots = [store.take((2, 512, 512), like, hint=3) for _ in range(20)]    # 2 MiB slots: 17 per 33 MiB chunk
+    assert len({s.data_ptr() for s in slots}) == 20
+    assert all(s.shape == (2, 512, 512) and s.is_contiguous() for s in slots)
+    assert slots[0].untyped_storage().nbytes() >= CHUNK_BYTES > 32 << 20
+    assert slots[-1].untyped_storage().data_ptr() != slots[0].untyped_storage().data_ptr()
+    small = [store.take((2, 8, 8), like, torch.int32, hint=5) for _ in range(6)]
+    assert small[0].dtype == torch.int32 and small[0].untyped_storage().nbytes() == 5 * 2 * 8 * 8 * 4
+    assert len({s.data_ptr() for s in small}) == 6
+    own = MapStore(pooled=False).take((2, 4), like)
+    assert own.untyped_storage().nbytes() == 2 * 4 * 4
+
+
+def test_kept_maps_share_a_few_chunks():
+    """The per-layer and per-stage maps the pass keeps are slots of a few chunks (one per resolution, here), not
+    blocks of their own between the pass's temporaries."""
+    r = trace_sampling(tiny_flow("affine"), lr_batch(2), 0.9, 2, torch.Generator().manual_seed(0))
+    maps = [rec.act_max_map for rec in r.layers] + [m for rec in r.layers for st in rec.stages.values()
+                                                    for m in (st.log_slope_max_map, st.log_slope_sum_map)]
+    chunks = {m.untyped_storage().data_ptr() for m in maps}
+    assert len(maps) == 25 and len(chunks) <= 2 * len({m.shape for m in maps})

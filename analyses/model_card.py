@@ -62,17 +62,42 @@ def card_text(flow, phenomenon: dict | None, flow_key: str | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
+def study_text(study: dict, coupling: str) -> str:
+    """The card's "across seeds" section from a seed study (``analyses/seed_study.py``'s ``study.json``): every
+    statement about ``coupling`` (or both couplings) with the number of seeds that support it, and this coupling's
+    per-condition ranges across the seeds of each recipe."""
+    from .seed_study import METRICS, cell
+    lines = ["", f"## Across seeds and recipes (`analyses/seed_study.py`, {study['steps_note']})",
+             "Which statements made from this flow hold for other training seeds of the same recipe (and for the "
+             "dequantised and noise-conditioned recipes); cells are mean [min, max] across seeds.", "",
+             "| statement | holds for |", "|---|---|"]
+    for s in study["statements"]:
+        if s["coupling"] in (coupling, "both", "pair"):
+            lines.append(f"| {s['text']} | {s['n_hold']} of {s['n']} ({', '.join(s['tested'])}) |")
+    lines += ["", "| recipe | seeds | condition | " + " | ".join(METRICS.values()) + " |",
+              "|---|---|---|" + "---|" * len(METRICS)]
+    for r in study["summary"]:
+        if r["coupling"] == coupling:
+            lines.append(f"| {r['recipe']} | {','.join(map(str, r['seeds']))} | {r['condition']} | "
+                         + " | ".join(cell(r, m) for m in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("flow")
     p.add_argument("--phenomenon", help="phenomenon.json of a run that included this flow")
+    p.add_argument("--study", help="study.json of a seed study (analyses/seed_study.py): adds the across-seeds section")
     p.add_argument("--out", help="card path (default: next to the flow, .md)")
     a = p.parse_args(argv)
     flow = load_flow(a.flow)
     phen = json.loads(Path(a.phenomenon).read_text()) if a.phenomenon else None
     key = next((r["flow"] for r in phen["rows"] if Path(r["flow"]).name == Path(a.flow).name), None) if phen else None
     out = Path(a.out) if a.out else Path(a.flow).with_suffix(".md")
-    atomic_write_text(out, card_text(flow, phen, key))
+    text = card_text(flow, phen, key)
+    if a.study:
+        text += study_text(json.loads(Path(a.study).read_text()), flow.config.coupling)
+    atomic_write_text(out, text)
     print(f"wrote {out}")
     return 0
 

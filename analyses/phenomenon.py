@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from robustness_diag.data import degradations as deg
@@ -28,12 +29,16 @@ from robustness_diag.detect import trace_sampling
 from robustness_diag.flows.loading import load_flow
 from robustness_diag.io import atomic_write_json, atomic_write_text
 
+from .clustered import rate
+
 
 @dataclass
 class PhenomenonConfig:
     """``flows``: checkpoint specs; ``images`` held-out LR crops of ``lr_size`` px per condition; ``samples`` per
     image at ``heat``; ``levels``: degradation severities; ``upper``/``lower``: the artifact criterion (pixel
-    values, reference range [0, 1])."""
+    values, reference range [0, 1]); ``n_resamples``: bootstrap resamples of the flag rate's interval. Each held-out
+    crop is its own resampling unit (they are crops of one held-out photo, so the interval describes that photo's
+    crops, not photos in general), as is each graphics image."""
 
     flows: list
     out: str = "runs/phenomenon"
@@ -45,6 +50,7 @@ class PhenomenonConfig:
     levels: list = field(default_factory=lambda: [1, 2, 3])
     upper: float = 1.5
     lower: float = -0.5
+    n_resamples: int = 1000
 
 
 def conditions(hr: torch.Tensor, scale: int, cfg: PhenomenonConfig) -> dict:
@@ -62,27 +68,38 @@ def conditions(hr: torch.Tensor, scale: int, cfg: PhenomenonConfig) -> dict:
 
 
 @torch.no_grad()
-def measure(flow, lr: torch.Tensor, cfg: PhenomenonConfig, seed: int) -> dict:
-    """Artifact statistics of ``cfg.samples`` samples per LR image, from :func:`robustness_diag.detect.trace_sampling`.
+def measure(flow, lr: torch.Tensor, cfg: PhenomenonConfig, seed: int, source=None) -> dict:
+    """Artifact statistics of ``cfg.samples`` samples per LR image ``lr`` (B, 3, h, w), from
+    :func:`robustness_diag.detect.trace_sampling`.
 
     Sample ``s`` uses its own generator seeded ``seed * 1000 + s``. The max inverse slope ignores NaN slopes (they
-    come from NaN inputs, already counted as NaN pixels).
+    come from NaN inputs, already counted as NaN pixels). ``frac_samples_with_artifact`` is the per-sample rate of
+    the paper's flag (any artifact pixel); ``paper_flag`` is the same rate as :func:`.clustered.rate` (k of n
+    samples, the interval resampling ``source``: ``[B]`` ids of the images' independent sources, default each image
+    its own); ``flagged_per_image``: flagged samples per LR image.
     """
-    any_art, art_px, nan_px, n_px = 0, 0, 0, 0
+    flagged = torch.zeros(lr.shape[0], dtype=torch.long)
+    art_px, nan_px, nonfinite_px, n_px = 0, 0, 0, 0
     max_log_slope = torch.tensor(-math.inf)
     for s in range(cfg.samples):
         g = torch.Generator().manual_seed(seed * 1000 + s)
         r = trace_sampling(flow, lr, cfg.heat, 1, g, upper=cfg.upper, lower=cfg.lower, keep_layer_maps=False,
                            return_image=False)
-        per_pixel = r.artifact_mask
-        any_art += int(per_pixel.flatten(1).any(1).sum())
+        per_pixel = r.artifact_mask.cpu()
+        flagged += per_pixel.flatten(1).any(1).long()
         art_px += int(per_pixel.sum())
         nan_px += int(r.nan_mask.sum())
+        nonfinite_px += int((r.nan_mask | r.inf_mask).sum())
         n_px += per_pixel.numel()
         max_log_slope = torch.maximum(max_log_slope, r.max_log_slope.amax().cpu())
     n = cfg.samples * lr.shape[0]
-    return {"samples": n, "frac_samples_with_artifact": any_art / n, "frac_artifact_pixels": art_px / n_px,
-            "frac_nan_pixels": nan_px / n_px, "max_inverse_slope": float(torch.exp(max_log_slope))}
+    source = np.arange(lr.shape[0]) if source is None else np.asarray(source)
+    flag = rate(flagged.numpy(), np.full(lr.shape[0], cfg.samples), source, cfg.n_resamples, seed=seed,
+                unit="sample")
+    return {"samples": n, "frac_samples_with_artifact": int(flagged.sum()) / n, "frac_artifact_pixels": art_px / n_px,
+            "frac_nan_pixels": nan_px / n_px, "frac_nonfinite_pixels": nonfinite_px / n_px,
+            "max_inverse_slope": float(torch.exp(max_log_slope)), "paper_flag": flag,
+            "flagged_per_image": flagged.tolist()}
 
 
 @dataclass

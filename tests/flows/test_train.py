@@ -49,6 +49,48 @@ def test_ncsr_noise_conditioning_trains_the_std_branch(tmp_path):
     assert all(h.abs().sum() > 0 for h in heads)   # zero-initialised head moved: the branch got gradients
 
 
+def test_dequantised_recipe_adds_uniform_noise_and_reports_the_reference_nll(tmp_path):
+    """dequant=32: the HR targets get U(-1/64, 1/64) noise (the training NLL changes from step 1), the LR and the
+    validation patches do not (val_bpd is on clean patches), and val_nll_ref = 3 * val_bpd + log2(32) per HR
+    pixel, SRFlow's convention; dequant=0 logs 3 * val_bpd."""
+    import dataclasses
+    import math
+
+    from robustness_diag.flows.train import reference_nll
+    base = _recipe(2)
+    train(base, tmp_path / "base", progress=False)
+    train(dataclasses.replace(base, dequant=32), tmp_path / "deq", progress=False)
+    rb = list(csv.DictReader(open(tmp_path / "base" / "log.csv")))
+    rq = list(csv.DictReader(open(tmp_path / "deq" / "log.csv")))
+    assert float(rb[0]["train_bpd"]) != float(rq[0]["train_bpd"])
+    for rows, extra in ((rb, 0.0), (rq, 5.0)):
+        assert float(rows[-1]["val_nll_ref"]) == pytest.approx(3 * float(rows[-1]["val_bpd"]) + extra, abs=1e-9)
+    assert reference_nll(-2.0, 3, 256) == -6.0 + math.log2(256) and reference_nll(-2.0, 3, 0) == -6.0
+
+
+def test_study_recipes_load_and_differ_from_the_bundled_one_only_where_stated():
+    """The study's recipes: today's recipe with other seeds, a dequantised one, a noise-conditioned one with the std
+    branch; the architecture and the step budget are the bundled one's."""
+    from pathlib import Path
+    root = Path(rd.flows.loading.bundled_path("sr4x_affine")).parent / "recipes"
+    study = sorted((root / "study").glob("*.yaml"))
+    assert len(study) == 10
+    for path in study:
+        r = Recipe.from_yaml(path)
+        coupling = r.name.split("_")[0]
+        bundled = Recipe.from_yaml(root / f"sr4x_{coupling}.yaml")
+        changed = {k for k in ("seed", "steps", "dequant", "lr_noise", "batch", "hr_patch", "lr", "milestones")
+                   if getattr(r, k) != getattr(bundled, k)}
+        flow_changed = {k for k in set(r.flow) | set(bundled.flow) if r.flow.get(k) != bundled.flow.get(k)}
+        assert r.steps == 6000 and changed <= {"seed", "dequant", "lr_noise"}, path
+        if "_noise_" in r.name:
+            assert r.lr_noise == 0.05 and r.flow["std_channels"] == 3 and flow_changed <= {"std_channels", "S",
+                                                                                          "family"}
+        else:
+            assert r.lr_noise == 0 and not flow_changed, path
+        assert (r.dequant == 256) == ("_dequant_" in r.name), path
+
+
 def _rows(path, column):
     return {int(r["step"]): float(r[column]) for r in csv.DictReader(open(path)) if r[column]}
 
@@ -68,3 +110,19 @@ def test_bundled_recipe_reproduces_its_logged_training_curve(tmp_path, name):
         a, b = _rows(ours, column), _rows(logged, column)
         for step in steps:
             assert a[step] == pytest.approx(b[step], rel=0.02), (column, step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["affine_dequant_seed0", "rqspline_noise_seed0", "affine_base_seed1"])
+def test_study_recipe_reproduces_its_logged_training_curve(tmp_path, name):
+    """The first 250 steps of a study recipe (checkpoints/recipes/study) against the log of its short-budget run
+    (checkpoints/study/short1500/NAME/train_log.csv, trained with --steps 1500: the learning rate first halves at
+    step 750, so its first 250 steps are the full recipe's): logged training NLL within 2%."""
+    from pathlib import Path
+    root = Path(rd.flows.loading.bundled_path("sr4x_affine")).parent
+    recipe = Recipe.from_yaml(root / "recipes" / "study" / f"{name}.yaml")
+    assert train(recipe, tmp_path, progress=False, stop_at=250) is None
+    a = _rows(tmp_path / "log.csv", "train_bpd")
+    b = _rows(root / "study" / "short1500" / name / "train_log.csv", "train_bpd")
+    for step in (50, 100, 250):
+        assert a[step] == pytest.approx(b[step], rel=0.02), step

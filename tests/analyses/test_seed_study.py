@@ -1,0 +1,103 @@
+"""The seed study's bookkeeping: statements checked seed by seed, ranges across seeds, the budget check."""
+from __future__ import annotations
+
+import pytest
+
+from robustness_diag.analyses.seed_study import (Member, budget_check, check_statements, markdown, parse_name,
+                                                 study, summarise)
+
+CONDS = ("clean", "noise1", "noise2", "blur1", "jpeg1", "graphics")
+
+
+def _row(flag=0.0, art=0.0, nonfinite=0.0, slope=3.0, k=None, n=32):
+    k = round(flag * n) if k is None else k
+    lo, hi = (0.0, 0.1) if k == 0 else (max(0.0, flag - 0.2), min(1.0, flag + 0.2))
+    return {"frac_samples_with_artifact": flag, "frac_artifact_pixels": art, "frac_nonfinite_pixels": nonfinite,
+            "max_inverse_slope": slope, "paper_flag": {"k": k, "n": n, "ci_low": lo, "ci_high": hi}}
+
+
+def _affine(seed, noise_nan=True, graphics_flag=0.5, steps=1500, recipe="base"):
+    rows = {c: _row() for c in CONDS}
+    rows["noise1"] = _row(0.9, 0.3, 0.1 if noise_nan else 0.0, 1e4)
+    rows["noise2"] = _row(1.0, 1.0, 0.9, 1e4)
+    rows["graphics"] = _row(graphics_flag, 0.2, 0.1, 1e4 if graphics_flag else 5.0)
+    return Member(f"affine_{recipe}_seed{seed}", "affine", recipe, seed, steps, rows)
+
+
+def _spline(seed, noise1_flag=0.3, steps=1500, recipe="base"):
+    rows = {c: _row() for c in CONDS}
+    rows["noise1"] = _row(noise1_flag, 0.01, 0.0, 40.0)
+    rows["noise2"] = _row(1.0, 0.2, 0.0, 300.0)
+    return Member(f"rqspline_{recipe}_seed{seed}", "rqspline", recipe, seed, steps, rows)
+
+
+def test_names_parse_and_bad_names_are_refused():
+    assert parse_name("rqspline_dequant_seed0") == {"coupling": "rqspline", "recipe": "dequant", "seed": 0}
+    with pytest.raises(ValueError, match="not a study flow name"):
+        parse_name("sr4x_affine")
+
+
+def test_statements_count_the_seeds_that_support_them():
+    members = [_affine(0), _affine(1, noise_nan=False), _affine(2), _spline(0), _spline(1, noise1_flag=1.0),
+               _spline(2)]
+    st = {s["key"]: s for s in check_statements(members)}
+    assert st["affine_nonfinite_under_noise"]["n_hold"] == 2 and st["affine_nonfinite_under_noise"]["n"] == 3
+    assert st["affine_nonfinite_under_noise"]["holds"] == ["affine seed 0", "affine seed 2"]
+    assert st["spline_never_nonfinite"]["n_hold"] == 3
+    assert st["clean_unflagged"]["n"] == 6 and st["clean_unflagged"]["n_hold"] == 6
+    assert st["affine_artifacts_at_bound"]["n_hold"] == 3
+    assert st["spline_below_bound"]["n_hold"] == 3
+    # seed-matched pairs: seed 1's spline is flagged more under noise1 than its affine
+    assert st["affine_flags_more_under_noise"]["holds"] == ["seed 0", "seed 2"]
+
+
+def test_a_statement_can_fail():
+    bad = _spline(0)
+    bad.rows["graphics"] = _row(0.5, 0.1, 0.01, 1e4)        # a NaN and a saturated slope
+    st = {s["key"]: s for s in check_statements([bad, _affine(0)])}
+    assert st["spline_never_nonfinite"]["n_hold"] == 0 and st["spline_below_bound"]["n_hold"] == 0
+
+
+def test_summary_ranges_across_seeds():
+    rec = [r for r in summarise([_affine(0, graphics_flag=0.25), _affine(1, graphics_flag=0.75)])
+           if r["condition"] == "graphics"][0]
+    f = rec["frac_samples_with_artifact"]
+    assert f["per_seed"] == [0.25, 0.75] and f["mean"] == 0.5 and (f["min"], f["max"]) == (0.25, 0.75)
+    assert rec["seeds"] == [0, 1] and [p["k"] for p in rec["paper_flag_per_seed"]] == [8, 24]
+
+
+def test_budget_check_names_the_conditions_that_differ():
+    full = _affine(0, steps=6000)
+    same = budget_check(_affine(0), full)
+    assert same["matches"] and same["n_match"] == len(CONDS)
+    short = _affine(0, noise_nan=False, graphics_flag=0.0)   # loses the noise1 NaN and all graphics artifacts
+    b = budget_check(short, full)
+    assert not b["matches"] and {r["condition"] for r in b["conditions"] if not r["matches"]} == {"noise1",
+                                                                                                  "graphics"}
+
+
+def test_markdown_shows_counts_and_ranges():
+    members = [_affine(0), _affine(1), _spline(0), _spline(1), _affine(0, recipe="noise"),
+               _spline(0, recipe="noise")]
+    res = study(members, {"affine": _affine(0, steps=6000)}, "1500 training steps per flow", "test")
+    text = markdown(res)
+    assert "| the RQ-spline flow produces no non-finite pixel in any condition | 2 of 2 |" in text
+    assert "Recipe `noise`" in text and "6 of 6 conditions match" in text
+    assert "| affine | base | 0,1 | graphics | 0.50 [0.50, 0.50] |" in text
+
+
+def test_model_card_section_counts_seeds_per_statement():
+    from robustness_diag.analyses.model_card import study_text
+    res = study([_affine(0), _affine(1, noise_nan=False), _spline(0), _spline(1)], None, "1500 steps", "test")
+    text = study_text(res, "affine")
+    assert "| the affine flow produces non-finite pixels under LR noise (every level) | 1 of 2 (affine seed 0, " \
+           "affine seed 1) |" in text
+    assert "RQ-spline flow produces no non-finite" not in text and "| base | 0,1 | noise1 |" in text
+
+
+def test_a_failed_budget_check_is_said_at_the_top():
+    res = study([_affine(0, noise_nan=False)], {"affine": _affine(0, steps=6000)}, "1500 steps", "test")
+    text = markdown(res)
+    head = text.split("## Statements")[0]
+    assert "does not reproduce the full one" in head and "5 of 6 conditions match" in head
+    assert "noise1 (flag rate 0.90 vs 0.90, non-finite no vs yes)" in text

@@ -46,7 +46,7 @@ Targets: trace / plain <= 1.05, trace_compact and safe <= 1.03, traced peak memo
 240x136 and 480x270, 8X at 64x64, peak memory of 4 samples per image; about 25 minutes on 2 CPU cores; at 480x270
 one call each of plain and traced sampling, in the fresh processes of their memory measurement) and writes
 ``benchmarks/results/realsize.json``; ``--profile`` adds a torch-profiler
-breakdown of plain vs traced sampling (4X 240x136 with ``--full``).
+breakdown of plain vs traced sampling (4X 240x136 with ``--full``, 480x270 with ``--quiet-plan``).
 """
 from __future__ import annotations
 
@@ -523,7 +523,8 @@ def main(argv=None) -> int:
         return 0
     name = "quiet" if a.quiet_plan else "full" if a.full else "quick"
     plan = {"quiet": QUIET_PLAN, "full": FULL_PLAN, "quick": QUICK_PLAN}[name]
-    prof = (("4x", (240, 136)) if a.full else ("4x", (64, 64))) if a.profile else None
+    prof = ({"quiet": ("4x", (480, 270)), "full": ("4x", (240, 136))}.get(name, ("4x", (64, 64)))
+            if a.profile else None)
     res = run(plan, a.device, a.threads, memory=not a.no_memory, do_profile=prof, work=a.work)
     res["plan"] = name
     out = Path(a.out or ROOT / "benchmarks" / "results" / ("realsize.json" if name == "full" else

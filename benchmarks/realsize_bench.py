@@ -112,6 +112,9 @@ QUIET_PLAN = [
     ("4x", (240, 136), 5, SAMPLING + CONTROL + GUARD, (), 1),
     ("4x", (480, 270), 2, ("plain", "trace", "plain_control"), (), 1),
 ]
+#: The largest size alone, 4 more rounds on an idle machine (``--plan quiet480``): one call takes about 2 minutes
+#: and plain sampling's own calls vary by up to 15% there, so 2 rounds do not settle the ratio
+QUIET480_PLAN = [("4x", (480, 270), 4, ("plain", "trace", "plain_control"), (), 1)]
 QUICK_PLAN = [
     ("4x", (64, 64), 3, SAMPLING + CONTROL + GUARD + OOD, ("plain", "trace", "trace_compact", "safe"), 1),
     ("4x", (120, 68), 2, SAMPLING + CONTROL + GUARD, ("plain", "trace"), 1),
@@ -500,6 +503,9 @@ def run(plan=QUICK_PLAN, device: str = "cpu", threads: int = 1, heat: float = 0.
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the whole table (FULL_PLAN) instead of the quick one")
+    p.add_argument("--plan", choices=("quick", "full", "quiet", "quiet480"), default=None,
+                   help="the plan by name (quiet480: 4X at 480x270 alone, 4 rounds, timing only; writes "
+                        "realsize_quiet480.json); --full and --quiet-plan are shorthands")
     p.add_argument("--quiet-plan", action="store_true",
                    help="QUIET_PLAN: 4X at 240x136 (5 rounds) and 480x270 (2 rounds), timing only, for an idle "
                         "machine (writes realsize_quiet.json; about 20 minutes on one core)")
@@ -521,8 +527,8 @@ def main(argv=None) -> int:
         atomic_write_json(a.resummarise, res, indent=1)
         print(f"rewrote {a.resummarise}; targets {'met' if res['target_met'] else 'MISSED'}")
         return 0
-    name = "quiet" if a.quiet_plan else "full" if a.full else "quick"
-    plan = {"quiet": QUIET_PLAN, "full": FULL_PLAN, "quick": QUICK_PLAN}[name]
+    name = a.plan or ("quiet" if a.quiet_plan else "full" if a.full else "quick")
+    plan = {"quiet": QUIET_PLAN, "quiet480": QUIET480_PLAN, "full": FULL_PLAN, "quick": QUICK_PLAN}[name]
     prof = ({"quiet": ("4x", (480, 270)), "full": ("4x", (240, 136))}.get(name, ("4x", (64, 64)))
             if a.profile else None)
     res = run(plan, a.device, a.threads, memory=not a.no_memory, do_profile=prof, work=a.work)

@@ -15,7 +15,8 @@ def bench():
 def test_plans_cover_the_issue_sizes(bench):
     sizes = {(arch, size) for arch, size, *_ in bench.FULL_PLAN}
     assert {("4x", (64, 64)), ("4x", (240, 136)), ("4x", (480, 270)), ("8x", (64, 64))} <= sizes
-    for _, _, repeats, timed, mem, n in bench.FULL_PLAN + bench.QUICK_PLAN + bench.GPU_PLAN + bench.QUIET_PLAN:
+    plans = bench.FULL_PLAN + bench.QUICK_PLAN + bench.GPU_PLAN + bench.QUIET_PLAN + bench.QUIET480_PLAN
+    for _, _, repeats, timed, mem, n in plans:
         assert set(mem) <= set(bench.VARIANTS) and n >= 1 and (not timed or "plain" in timed)
         assert (not mem or "plain" in mem) and (repeats > 0 or set(timed) <= set(mem))
 

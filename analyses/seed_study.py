@@ -275,7 +275,7 @@ def main(argv=None) -> int:
             continue
         dest = out / name
         dest.mkdir(parents=True, exist_ok=True)
-        phen = _measure(ckpt, ckpt.parent / "phenomenon", lambda c, o: _phenomenon(c, o))
+        phen = _measure(ckpt, ckpt.parent / "phenomenon", _phenomenon)
         shutil.copyfile(ckpt.parent / "phenomenon" / "phenomenon.json", dest / "phenomenon.json")
         shutil.copyfile(ckpt.parent / "log.csv", dest / "train_log.csv")
         steps = rd.load_flow(ckpt).info.get("provenance", {}).get("recipe", {}).get("steps", 0)
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     for spec in a.full:
         coupling, flow = spec.split("=", 1)
         fdir = runs / f"full_{coupling}"
-        phen = _measure(Path(flow), fdir, lambda c, o: _phenomenon(c, o))
+        phen = _measure(Path(flow), fdir, _phenomenon)
         shutil.copyfile(fdir / "phenomenon.json", out / f"full_{coupling}_phenomenon.json")
         full[coupling] = Member(f"{coupling} bundled", coupling, "base", 0, 6000,
                                 {r["condition"]: r for r in phen["rows"]})

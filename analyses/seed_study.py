@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from robustness_diag.io import atomic_write_json, atomic_write_text
+from robustness_diag.io import from_json_number as num
 
 #: metrics summarised across seeds: phenomenon row field -> short label
 METRICS = {"frac_samples_with_artifact": "flag rate", "frac_artifact_pixels": "artifact px",
@@ -47,11 +48,7 @@ class Member:
 
     def value(self, condition: str, metric: str) -> float:
         """``metric`` of ``condition`` as a float (JSON's "nan"/"inf" strings included)."""
-        return float(self.rows[condition][metric])
-
-
-def _num(v) -> float:
-    return float(v)
+        return num(self.rows[condition][metric])
 
 
 def parse_name(name: str) -> dict:
@@ -159,11 +156,11 @@ def budget_check(short: Member, full: Member) -> dict:
         a, b = short.rows[cond], full.rows[cond]
         fa, fb = a.get("paper_flag") or {}, b.get("paper_flag") or {}
         overlap = (None if not (fa and fb) else
-                   not (_num(fa["ci_high"]) < _num(fb["ci_low"]) or _num(fb["ci_high"]) < _num(fa["ci_low"])))
+                   not (num(fa["ci_high"]) < num(fb["ci_low"]) or num(fb["ci_high"]) < num(fa["ci_low"])))
         rec = {"condition": cond,
-               "nonfinite": [_num(a["frac_nonfinite_pixels"]) > 0, _num(b["frac_nonfinite_pixels"]) > 0],
-               "flagged": [_num(a["frac_samples_with_artifact"]) > 0, _num(b["frac_samples_with_artifact"]) > 0],
-               "flag_rate": [_num(a["frac_samples_with_artifact"]), _num(b["frac_samples_with_artifact"])],
+               "nonfinite": [num(a["frac_nonfinite_pixels"]) > 0, num(b["frac_nonfinite_pixels"]) > 0],
+               "flagged": [num(a["frac_samples_with_artifact"]) > 0, num(b["frac_samples_with_artifact"]) > 0],
+               "flag_rate": [num(a["frac_samples_with_artifact"]), num(b["frac_samples_with_artifact"])],
                "intervals_overlap": overlap}
         rec["matches"] = rec["nonfinite"][0] == rec["nonfinite"][1] and rec["flagged"][0] == rec["flagged"][1] \
             and overlap is not False

@@ -10,6 +10,8 @@ from one seed, tested on every seed; each reports how many seeds support it.
 ``python -m robustness_diag.analyses.seed_study --runs runs/study --out checkpoints/study`` measures every finished
 study flow under ``--runs`` (``NAME/NAME.safetensors``; skipped when its ``phenomenon.json`` exists), copies each
 training log and phenomenon JSON to ``--out/NAME/`` and writes ``--out/study.json`` and ``--out/study.md``.
+``--members affine_base_seed0=bundled:sr4x_affine ...`` adds flows trained elsewhere (the bundled seed-0 pair of the
+full-budget study); ``--full`` names the full-budget flows a shorter budget is checked against (none: no check).
 """
 from __future__ import annotations
 
@@ -244,10 +246,10 @@ def study(members: list, full: Optional[dict] = None, steps_note: str = "", meas
 
 
 # -- the command ------------------------------------------------------------------------------------------------------
-def _measure(ckpt: Path, out: Path, measure: Callable) -> dict:
+def _measure(flow: str, out: Path, measure: Callable) -> dict:
     path = out / "phenomenon.json"
     if not path.exists():
-        measure(str(ckpt), str(out))
+        measure(str(flow), str(out))
     return json.loads(path.read_text())
 
 
@@ -256,33 +258,50 @@ def _phenomenon(ckpt: str, out: str) -> None:
     run(PhenomenonConfig([ckpt], out=out))
 
 
+def _flows(runs: Path, extra: list) -> list:
+    """The study's flows: ``(name, flow, run folder)`` for every finished ``runs/NAME/NAME.safetensors`` and every
+    ``NAME=FLOW`` of ``extra`` (a flow trained elsewhere, e.g. the bundled seed-0 pair; measured in ``runs/NAME``)."""
+    out = []
+    for ckpt in sorted(runs.glob("*/*.safetensors")):
+        if ckpt.parent.name == ckpt.stem and NAME.match(ckpt.stem):
+            out.append((ckpt.stem, str(ckpt), ckpt.parent))
+    for spec in extra:
+        name, _, flow = spec.partition("=")
+        parse_name(name)
+        if not flow:
+            raise SystemExit(f"--members {spec!r}: expected NAME=FLOW, e.g. affine_base_seed0=bundled:sr4x_affine")
+        out.append((name, flow, runs / name))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs/study", help="folder of the study's training runs (NAME/NAME.safetensors)")
     p.add_argument("--out", default="checkpoints/study", help="where logs, phenomenon JSONs and the study go")
+    p.add_argument("--members", nargs="*", default=[], metavar="NAME=FLOW",
+                   help="more members trained elsewhere, e.g. affine_base_seed0=bundled:sr4x_affine (their training "
+                        "log is not copied: a bundled flow's log is checkpoints/<name>_train_log.csv)")
     p.add_argument("--full", nargs="*", default=["affine=bundled:sr4x_affine", "rqspline=bundled:sr4x_rqspline"],
-                   help="COUPLING=FLOW of the full-budget seed-0 flows for the budget check")
+                   help="COUPLING=FLOW of the full-budget seed-0 flows for the budget check (none: no check)")
     a = p.parse_args(argv)
     import robustness_diag as rd
     runs, out = Path(a.runs), Path(a.out)
     members = []
-    for ckpt in sorted(runs.glob("*/*.safetensors")):
-        name = ckpt.stem
-        if ckpt.parent.name != name or not NAME.match(name):
-            continue
+    for name, flow, run_dir in _flows(runs, a.members):
         dest = out / name
         dest.mkdir(parents=True, exist_ok=True)
-        phen = _measure(ckpt, ckpt.parent / "phenomenon", _phenomenon)
-        shutil.copyfile(ckpt.parent / "phenomenon" / "phenomenon.json", dest / "phenomenon.json")
-        shutil.copyfile(ckpt.parent / "log.csv", dest / "train_log.csv")
-        steps = rd.load_flow(ckpt).info.get("provenance", {}).get("recipe", {}).get("steps", 0)
+        phen = _measure(flow, run_dir / "phenomenon", _phenomenon)
+        shutil.copyfile(run_dir / "phenomenon" / "phenomenon.json", dest / "phenomenon.json")
+        if (run_dir / "log.csv").exists():
+            shutil.copyfile(run_dir / "log.csv", dest / "train_log.csv")
+        steps = rd.load_flow(flow).info.get("provenance", {}).get("recipe", {}).get("steps", 0)
         members.append(member_from_json(name, phen, steps))
         print(f"{name}: measured")
     full = {}
     for spec in a.full:
         coupling, flow = spec.split("=", 1)
         fdir = runs / f"full_{coupling}"
-        phen = _measure(Path(flow), fdir, _phenomenon)
+        phen = _measure(flow, fdir, _phenomenon)
         shutil.copyfile(fdir / "phenomenon.json", out / f"full_{coupling}_phenomenon.json")
         full[coupling] = Member(f"{coupling} bundled", coupling, "base", 0, 6000,
                                 {r["condition"]: r for r in phen["rows"]})

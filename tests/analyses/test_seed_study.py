@@ -101,3 +101,20 @@ def test_a_failed_budget_check_is_said_at_the_top():
     head = text.split("## Statements")[0]
     assert "does not reproduce the full one" in head and "5 of 6 conditions match" in head
     assert "noise1 (flag rate 0.90 vs 0.90, non-finite no vs yes)" in text
+
+
+def test_members_trained_elsewhere_join_the_runs_folder(tmp_path):
+    from robustness_diag.analyses.seed_study import _flows
+    for name in ("affine_base_seed1", "notes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.safetensors").write_bytes(b"")
+    (tmp_path / "rqspline_base_seed2").mkdir()                      # unfinished: no weights yet
+    flows = _flows(tmp_path, ["affine_base_seed0=bundled:sr4x_affine"])
+    assert [(n, f) for n, f, _ in flows] == [
+        ("affine_base_seed1", str(tmp_path / "affine_base_seed1" / "affine_base_seed1.safetensors")),
+        ("affine_base_seed0", "bundled:sr4x_affine")]
+    assert flows[1][2] == tmp_path / "affine_base_seed0"
+    with pytest.raises(ValueError, match="coupling_recipe_seedN"):
+        _flows(tmp_path, ["seed0=bundled:sr4x_affine"])
+    with pytest.raises(SystemExit, match="NAME=FLOW"):
+        _flows(tmp_path, ["affine_base_seed0"])

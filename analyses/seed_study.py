@@ -90,6 +90,9 @@ STATEMENTS: list = [
                                     if m.value(c, "frac_samples_with_artifact") > 0)),
     ("spline_below_bound", "the RQ-spline flow's largest inverse slope stays below 1e4 in every condition",
      "rqspline", lambda m, conds: all(m.value(c, "max_inverse_slope") < SLOPE_BOUND for c in conds)),
+    ("spline_flagged_under_noise", "the RQ-spline flow's samples still leave the valid range under LR noise (some "
+     "sample flagged at every noise level)", "rqspline",
+     lambda m, conds: all(m.value(c, "frac_samples_with_artifact") > 0 for c in conds if c.startswith("noise"))),
 ]
 #: pair statements: (key, text, test of a seed-matched (affine, spline) pair)
 PAIR_STATEMENTS: list = [

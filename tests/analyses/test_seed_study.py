@@ -56,6 +56,8 @@ def test_a_statement_can_fail():
     bad.rows["graphics"] = _row(0.5, 0.1, 0.01, 1e4)        # a NaN and a saturated slope
     st = {s["key"]: s for s in check_statements([bad, _affine(0)])}
     assert st["spline_never_nonfinite"]["n_hold"] == 0 and st["spline_below_bound"]["n_hold"] == 0
+    st = {s["key"]: s for s in check_statements([_spline(0, noise1_flag=0.0), _spline(1)])}
+    assert st["spline_flagged_under_noise"]["holds"] == ["rqspline seed 1"]
 
 
 def test_summary_ranges_across_seeds():

@@ -23,10 +23,14 @@ import importlib.util
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional
 
+from robustness_diag.allocator import MODES
+
 from .folder_run import FolderRunError, FolderRunResult, PreparedRun, folder_lock, run_folder
 
 #: the engines a command can run on
 ENGINES = ("local", "ray")
+#: the choices of ``--cpu-memory``
+CPU_MEMORY_MODES = MODES
 #: how to get the optional Ray dependency
 RAY_INSTALL_HINT = "pip install 'robustness-diag[ray]'"
 #: the oldest Ray the engine supports (setup.cfg's ``ray`` extra)
@@ -57,6 +61,10 @@ class EngineOptions:
             cluster reuses their running processes instead of starting new ones (a new worker process imports
             Python, torch and this package, seconds per worker); each run still loads its own flow into them. They
             hold CPUs (or a GPU) while they wait.
+        cpu_memory: how the workers' processes get memory for large tensors (:mod:`robustness_diag.allocator`):
+            ``"reuse"`` (the default: freed blocks reused, no page faults after the first image; given back when a
+            run ends) or ``"system"`` (the C library's behaviour). The local engine leaves this process alone: the
+            command line applies ``--cpu-memory`` itself.
     """
 
     kind: str = "local"
@@ -64,6 +72,7 @@ class EngineOptions:
     workers: Optional[int] = None
     threads: Optional[int] = None
     keep_s: float = 0.0
+    cpu_memory: str = "reuse"
 
     @property
     def is_local(self) -> bool:
@@ -78,6 +87,8 @@ def ray_installed() -> bool:
 def engine_problem(opts: Optional[EngineOptions]) -> Optional[str]:
     """What makes ``opts`` unusable before any work (one line), or None: an unknown engine, counts below 1, or
     ``ray`` without Ray installed (the message says how to install it)."""
+    if opts is not None and opts.cpu_memory not in CPU_MEMORY_MODES:
+        return f"--cpu-memory must be one of {', '.join(CPU_MEMORY_MODES)}, got {opts.cpu_memory!r}"
     if opts is None or opts.is_local:
         return None
     if opts.kind not in ENGINES:

@@ -183,13 +183,18 @@ class RayWorker:
             if self.keep_s > 0 and not self.contexts and time.monotonic() - self.last > self.keep_s:
                 os._exit(0)                  # Ray sees the actor exit; its name is free again
 
-    def setup(self, key: str, builder: Callable, args: tuple, files: dict, keep_s: float = 0.0) -> dict:
-        """Builds run ``key``'s context; returns :meth:`info`."""
+    def setup(self, key: str, builder: Callable, args: tuple, files: dict, keep_s: float = 0.0,
+              cpu_memory: str = "reuse") -> dict:
+        """Builds run ``key``'s context (``cpu_memory``: :func:`robustness_diag.allocator.use`'s mode, process-wide);
+        returns :meth:`info`."""
         import ray
         import torch
+
+        from robustness_diag import allocator
         self.last = time.monotonic()
         self.keep(max(self.keep_s, float(keep_s)))
         torch.set_num_threads(self.threads)
+        allocator.use(cpu_memory)
         workdir = tempfile.mkdtemp(prefix="robustness-diag-worker-")
         context, fatal = None, None
         try:
@@ -232,12 +237,16 @@ class RayWorker:
         return out
 
     def release(self, key: str) -> None:
-        """Drops run ``key``'s context and its private folder."""
+        """Drops run ``key``'s context and its private folder; with no context left, gives the memory the process
+        kept for reuse back to the system (a kept worker waits small)."""
         entry = self.contexts.pop(key, None)
         if entry is not None:
             shutil.rmtree(entry[1], ignore_errors=True)
             del entry
             gc.collect()
+        if not self.contexts:
+            from robustness_diag import allocator
+            allocator.return_freed_memory()
         self.last = time.monotonic()
 
     def close(self) -> None:
@@ -309,6 +318,7 @@ class WorkerPool:
         self.plan = plan_workers(opts, device, n_tasks)
         self.key = uuid.uuid4().hex          # this run's contexts on the workers
         self.keep_s = float(opts.keep_s or 0.0)
+        self.cpu_memory = opts.cpu_memory
         self._refs = {name: (Path(p).name, ray.put(Path(p).read_bytes())) for name, p in files.items()}
         self._remote = ray.remote(max_restarts=0, max_task_retries=0, **self.plan["resources"])(RayWorker)
         self._builder = (builder, args)
@@ -335,7 +345,7 @@ class WorkerPool:
                                     get_if_exists=True).remote(*ctor)
 
     def _setup(self, actor):
-        return actor.setup.remote(self.key, *self._builder, self._refs, self.keep_s)
+        return actor.setup.remote(self.key, *self._builder, self._refs, self.keep_s, self.cpu_memory)
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> list:
         """Blocks until every worker has built this run's context; returns their :meth:`RayWorker.info`. A kept

@@ -2,7 +2,7 @@
 
 ``--engine local|ray`` (default local: this process, as always), ``--ray-address ADDRESS`` (default: ``RAY_ADDRESS``
 from the environment, else a private local Ray instance started for the run), ``--ray-workers N`` and
-``--ray-threads N``, ``--ray-keep-workers SECONDS`` (see
+``--ray-threads N``, ``--ray-keep-workers SECONDS``, ``--cpu-memory reuse|system`` (see
 :class:`robustness_diag.analyses.engines.EngineOptions`). Ray is an optional dependency: :func:`engine_error` says
 how to install it when it is missing. A cluster that cannot be reached is reported by the
 command in one line with exit code 2.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 from typing import Optional
+
+from robustness_diag.allocator import MODES
 
 from . import options as opt
 
@@ -36,6 +38,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the Ray workers' processes alive this long, idle, after the run (default 0: stopped "
                         "with it), so that the next command on the same cluster starts without the seconds a new "
                         "worker spends importing torch; they hold their CPUs (or GPU) while they wait")
+    e.add_argument("--cpu-memory", choices=MODES, default="reuse",
+                   help="how this process (and the Ray workers) get memory for large tensors on Linux: reuse (the "
+                        "default) keeps freed blocks for the next layer and image instead of the C library mapping "
+                        "them afresh each time, which removes most of the page-fault time of sampling at hundreds "
+                        "of LR pixels (see README, CPU memory) but keeps the process near its peak memory until it "
+                        "ends; system: the C library's own behaviour. Results are identical either way")
 
 
 def engine_options(args):
@@ -43,7 +51,8 @@ def engine_options(args):
     from robustness_diag.analyses.engines import EngineOptions
     return EngineOptions(kind=getattr(args, "engine", "local") or "local", address=getattr(args, "ray_address", None),
                          workers=getattr(args, "ray_workers", None), threads=getattr(args, "ray_threads", None),
-                         keep_s=getattr(args, "ray_keep_workers", None) or 0.0)
+                         keep_s=getattr(args, "ray_keep_workers", None) or 0.0,
+                         cpu_memory=getattr(args, "cpu_memory", None) or "reuse")
 
 
 def engine_error(args, prog: str) -> Optional[str]:

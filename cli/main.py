@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    if getattr(args, "cpu_memory", None):
+        from robustness_diag import allocator
+        allocator.use(args.cpu_memory)
     return args.func(args)
 
 

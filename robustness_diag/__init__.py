@@ -14,7 +14,7 @@ from .flows.loading import load_flow, save_flow  # noqa: E402
 from .flows.base import Flow, SamplingPlan  # noqa: E402
 from .flows.network import SRFlowFamily, build_flow  # noqa: E402
 from .flows.digest import weights_digest  # noqa: E402
-from . import detect, ood  # noqa: E402
+from . import allocator, detect, ood  # noqa: E402
 
 __all__ = ["__version__", "load_flow", "save_flow", "build_flow", "FlowConfig", "Flow", "SamplingPlan", "SRFlowFamily",
-           "CheckpointError", "weights_digest", "ood", "detect"]
+           "CheckpointError", "weights_digest", "ood", "detect", "allocator"]

@@ -78,6 +78,7 @@ BAD = [
     ("audit", ["--heat", "inf"], "--heat"),
     ("audit", ["--false-alarm", "1.5"], "--false-alarm"), ("audit", ["--false-alarm", "-0.1"], "--false-alarm"),
     ("audit", ["--seed", "x"], "--seed"), ("audit", ["--device", "bogus"], "--device"),
+    ("audit", ["--cpu-memory", "fast"], "--cpu-memory"), ("score", ["--cpu-memory", ""], "--cpu-memory"),
     ("toy", ["--steps", "0"], "--steps"), ("toy", ["--steps", "-10"], "--steps"), ("toy", ["--seed", "-1"], "--seed"),
     ("inspect", ["--device", "bogus"], "--device"),
 ]
@@ -130,3 +131,22 @@ def test_help_states_the_ranges(capsys):
         out = " ".join(capsys.readouterr().out.split())
         for w in words:
             assert w in out, (cmd, w)
+
+
+@pytest.mark.parametrize("mode", ["system", "reuse"])
+def test_cpu_memory_mode_is_applied_before_the_command_runs(mode, base, guard, monkeypatch):
+    from robustness_diag import allocator
+    seen = []
+    monkeypatch.setattr(allocator, "use", lambda m: seen.append(m) or True)
+    with pytest.raises(Ran):
+        main(base["sample"] + ([] if mode == "reuse" else ["--cpu-memory", mode]))
+    assert seen == [mode]
+
+
+def test_cpu_memory_reaches_the_engine_options():
+    from robustness_diag.analyses.engines import EngineOptions, engine_problem
+    from robustness_diag.cli.engine_args import engine_options
+    args = build_parser().parse_args(["score", "bundled:sr4x_affine", "--stats", "s", "--images", "a", "--out", "o",
+                                      "--engine", "ray", "--cpu-memory", "system"])
+    assert engine_options(args).cpu_memory == "system"
+    assert "--cpu-memory must be one of reuse, system" in engine_problem(EngineOptions(cpu_memory="lots"))

@@ -47,6 +47,11 @@ Targets: trace / plain <= 1.05, trace_compact and safe <= 1.03, traced peak memo
 one call each of plain and traced sampling, in the fresh processes of their memory measurement) and writes
 ``benchmarks/results/realsize.json``; ``--profile`` adds a torch-profiler
 breakdown of plain vs traced sampling (4X 240x136 with ``--full``, 480x270 with ``--quiet-plan``).
+
+``--cpu-memory reuse`` (the default, as the commands) or ``system`` sets :mod:`robustness_diag.allocator`'s mode in
+the timed process and its children (results before that option existed ran under the C library's default, which is
+``system``). ``--plan modes`` measures what the mode does: plain and traced sampling at 240x136 and 480x270 under
+each mode, one fresh process of two calls per cell (``benchmarks/results/realsize_modes.json``).
 """
 from __future__ import annotations
 
@@ -257,8 +262,11 @@ def _status_mb(field: str) -> float:
 
 
 def _child(spec: dict) -> dict:
-    """Runs one variant once in this (fresh) process and measures its peak resident memory and its time."""
+    """Runs one variant ``spec["calls"]`` times (default 1) in this (fresh) process under ``spec["cpu_memory"]``
+    (:mod:`robustness_diag.allocator`; default "system") and measures its peak resident memory over the calls and the
+    time of each (``seconds``: the last call's, ``calls``: every call's)."""
     torch.set_num_threads(spec["threads"])
+    rd.allocator.use(spec.get("cpu_memory", "system"))
     flow = rd.load_flow(spec["ckpt"]).eval()
     scorer = rd.ood.MahalanobisScorer.load(spec["stats"]) if spec.get("stats") else None
     n = spec.get("n_samples", 1)
@@ -271,17 +279,18 @@ def _child(spec: dict) -> dict:
     except OSError:
         reset = False
     before = _status_mb("VmRSS")
-    t = timed_call(fn, torch.device("cpu"))
+    calls = [timed_call(fn, torch.device("cpu")) for _ in range(int(spec.get("calls", 1)))]
     peak = _status_mb("VmHWM")
     return {"peak_mb": peak, "rss_before_mb": before, "increment_mb": peak - before, "hwm_reset": reset,
-            "seconds": t}
+            "seconds": calls[-1], "calls": calls, "cpu_memory": rd.allocator.current_mode()}
 
 
 def peak_memory(ckpt: Path, stats: Optional[Path], size, variant: str, threads: int, heat: float,
-                seed: int, n_samples: int = 1) -> dict:
+                seed: int, n_samples: int = 1, cpu_memory: str = "system", calls: int = 1) -> dict:
     """:func:`_child` in a fresh interpreter (CPU)."""
     spec = {"ckpt": str(ckpt), "stats": str(stats) if stats else None, "lr": list(size), "variant": variant,
-            "threads": threads, "heat": heat, "seed": seed, "n_samples": n_samples}
+            "threads": threads, "heat": heat, "seed": seed, "n_samples": n_samples, "cpu_memory": cpu_memory,
+            "calls": calls}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                           env=env, timeout=3600)
@@ -407,11 +416,14 @@ def resummarise(result: dict) -> dict:
 
 
 def run(plan=QUICK_PLAN, device: str = "cpu", threads: int = 1, heat: float = 0.9, seed: int = 1,
-        work: Optional[Path] = None, memory: bool = True, do_profile: Optional[tuple] = None, log=print) -> dict:
+        work: Optional[Path] = None, memory: bool = True, do_profile: Optional[tuple] = None, log=print,
+        cpu_memory: str = "reuse") -> dict:
     """Runs ``plan`` (rows of :data:`FULL_PLAN`'s form); returns the JSON-ready result. ``do_profile``: ``(arch,
-    (W, H))`` to profile with the torch profiler, or None."""
+    (W, H))`` to profile with the torch profiler, or None. ``cpu_memory``: :func:`robustness_diag.allocator.use`'s
+    mode in this process and the memory children ("reuse": what the commands do by default)."""
     if device == "cpu" and threads > 0:
         torch.set_num_threads(threads)
+    rd.allocator.use(cpu_memory)
     dev = torch.device(device)
     threads = torch.get_num_threads()
     work = Path(work or Path(tempfile.gettempdir()) / "robustness_diag_realsize")
@@ -430,7 +442,7 @@ def run(plan=QUICK_PLAN, device: str = "cpu", threads: int = 1, heat: float = 0.
                          "/proc/self/clear_refs, one call; peak_mb = process peak (weights and libraries "
                          "included), increment_mb = peak - resident set before the call") if dev.type == "cpu"
               else "torch.cuda.max_memory_allocated during one call, above what was allocated before it",
-              "checkpoints": {}, "rows": []}
+              "cpu_memory": rd.allocator.current_mode(), "checkpoints": {}, "rows": []}
     started = time.time()
     flows = {}
     for arch, size, repeats, timed, mem_variants, n_samples in plan:
@@ -471,7 +483,7 @@ def run(plan=QUICK_PLAN, device: str = "cpu", threads: int = 1, heat: float = 0.
                 if dev.type == "cuda":
                     mem[n] = {"peak_mb": cuda_peak(fns[n], dev)}
                 else:
-                    mem[n] = peak_memory(ckpt, stats, size, n, threads, heat, seed, n_samples)
+                    mem[n] = peak_memory(ckpt, stats, size, n, threads, heat, seed, n_samples, cpu_memory)
                 log(f"  {arch} {size[0]}x{size[1]} x{n_samples} memory {n}: {mem[n]['peak_mb']:.0f} MB", flush=True)
             row["memory"] = mem
             if "plain" in mem:
@@ -500,12 +512,57 @@ def run(plan=QUICK_PLAN, device: str = "cpu", threads: int = 1, heat: float = 0.
     return result
 
 
+#: ``--plan modes``: plain and traced sampling under each CPU memory mode, in fresh processes of two calls each
+MODES_PLAN = {"arch": "4x", "sizes": [(240, 136), (480, 270)], "variants": ("plain", "trace"), "calls": 2}
+
+
+def memory_modes(plan=MODES_PLAN, threads: int = 1, heat: float = 0.9, seed: int = 1, work: Optional[Path] = None,
+                 log=print) -> dict:
+    """What the CPU memory mode (:mod:`robustness_diag.allocator`) does to sampling at real size.
+
+    Per size, variant and mode one fresh process runs ``calls`` calls (a folder's first image and the next ones:
+    "reuse" only helps from the second call on, and within a call between layers); their order alternates between
+    the modes. Returns per size the CPU time (user + system), system time, minor page faults and peak memory of every
+    call, ``speedup`` (system / reuse CPU time of the last call, per variant), ``trace_ratio`` (trace / plain per
+    mode, last call) and ``memory_ratio`` (reuse / system peak, per variant)."""
+    work = Path(work or Path(tempfile.gettempdir()) / "robustness_diag_realsize")
+    ckpt = build_checkpoint(plan["arch"], work)
+    started, rows = time.time(), []
+    for size in plan["sizes"]:
+        runs = {m: {} for m in rd.allocator.MODES}
+        for i, variant in enumerate(plan["variants"]):
+            for mode in (rd.allocator.MODES if i % 2 == 0 else rd.allocator.MODES[::-1]):
+                r = peak_memory(ckpt, None, size, variant, threads, heat, seed, 1, mode, plan["calls"])
+                runs[mode][variant] = {"calls": r["calls"], "peak_mb": r["peak_mb"], "increment_mb": r["increment_mb"],
+                                       "applied": r["cpu_memory"]}
+                log(f"{plan['arch']} {size[0]}x{size[1]} {variant} {mode}: cpu " + ", ".join(
+                    f"{c['cpu']:.1f} s (sys {c['cpu'] - c['user']:.1f}, {c['faults']} faults)" for c in r["calls"])
+                    + f"; peak {r['peak_mb']:.0f} MB", flush=True)
+        last = {m: {v: runs[m][v]["calls"][-1]["cpu"] for v in runs[m]} for m in runs}
+        rows.append({"arch": plan["arch"], "lr_wh": list(size), "runs": runs,
+                     "speedup": {v: last["system"][v] / last["reuse"][v] for v in plan["variants"]},
+                     "trace_ratio": {m: last[m]["trace"] / last[m]["plain"] for m in last},
+                     "memory_ratio": {v: runs["reuse"][v]["peak_mb"] / runs["system"][v]["peak_mb"]
+                                      for v in plan["variants"]}})
+    return {"benchmark": "CPU memory modes (robustness_diag.allocator) at real size: official SRFlow-DF2K 4X "
+                         "architecture, synthetic weights",
+            "method": f"one fresh process per (size, variant, mode), {plan['calls']} calls each after a 16x16 "
+                      "warm-up, modes alternating in order; clock: process CPU time (user + system) of the last "
+                      "call; peak memory: VmHWM over the calls (reset after the warm-up)",
+            "machine": machine(torch.device("cpu"), threads), "heat": heat, "photo": PHOTO, "rows": rows,
+            "elapsed_s": time.time() - started}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the whole table (FULL_PLAN) instead of the quick one")
-    p.add_argument("--plan", choices=("quick", "full", "quiet", "quiet480"), default=None,
+    p.add_argument("--plan", choices=("quick", "full", "quiet", "quiet480", "modes"), default=None,
                    help="the plan by name (quiet480: 4X at 480x270 alone, 4 rounds, timing only; writes "
-                        "realsize_quiet480.json); --full and --quiet-plan are shorthands")
+                        "realsize_quiet480.json; modes: plain and traced sampling under each --cpu-memory mode, "
+                        "writes realsize_modes.json); --full and --quiet-plan are shorthands")
+    p.add_argument("--cpu-memory", choices=rd.allocator.MODES, default="reuse",
+                   help="the CPU memory mode of the timed process and its children (default reuse: the commands' "
+                        "default; system: the C library's behaviour, as the Python API leaves it)")
     p.add_argument("--quiet-plan", action="store_true",
                    help="QUIET_PLAN: 4X at 240x136 (5 rounds) and 480x270 (2 rounds), timing only, for an idle "
                         "machine (writes realsize_quiet.json; about 20 minutes on one core)")
@@ -528,10 +585,17 @@ def main(argv=None) -> int:
         print(f"rewrote {a.resummarise}; targets {'met' if res['target_met'] else 'MISSED'}")
         return 0
     name = a.plan or ("quiet" if a.quiet_plan else "full" if a.full else "quick")
+    if name == "modes":
+        res = memory_modes(threads=a.threads, work=a.work)
+        out = Path(a.out or ROOT / "benchmarks" / "results" / "realsize_modes.json")
+        atomic_write_json(out, res, indent=1)
+        print(f"wrote {out} ({res['elapsed_s'] / 60:.1f} min)")
+        return 0
     plan = {"quiet": QUIET_PLAN, "quiet480": QUIET480_PLAN, "full": FULL_PLAN, "quick": QUICK_PLAN}[name]
     prof = ({"quiet": ("4x", (480, 270)), "full": ("4x", (240, 136))}.get(name, ("4x", (64, 64)))
             if a.profile else None)
-    res = run(plan, a.device, a.threads, memory=not a.no_memory, do_profile=prof, work=a.work)
+    res = run(plan, a.device, a.threads, memory=not a.no_memory, do_profile=prof, work=a.work,
+              cpu_memory=a.cpu_memory)
     res["plan"] = name
     out = Path(a.out or ROOT / "benchmarks" / "results" / ("realsize.json" if name == "full" else
                                                            f"realsize_{name}.json"))

@@ -9,7 +9,8 @@ from tests.detect.helpers import load_benchmark, tiny_flow
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_benchmark("realsize_bench")
+    yield load_benchmark("realsize_bench")
+    rd.allocator.system_defaults()                  # run() applies --cpu-memory to this process
 
 
 def test_plans_cover_the_issue_sizes(bench):
@@ -68,3 +69,18 @@ def test_plain_time_pools_both_names_and_resummarise_is_idempotent(bench):
     res = {"headline_clock": "cpu", "machine": {"device": "cpu"}, "rows": [dict(row)]}
     again = bench.resummarise(res)
     assert again["rows"][0]["ratio"] == row["ratio"] and again["target_met"] is False
+
+
+def test_memory_modes_on_a_tiny_flow(bench, tmp_path, monkeypatch):
+    """--plan modes: every (size, variant, mode) in its own process with two calls; the mode is applied there."""
+    ckpt = rd.save_flow(tiny_flow("affine"), tmp_path / "tiny.safetensors")
+    monkeypatch.setattr(bench, "build_checkpoint", lambda arch, work, seed=0: ckpt)
+    plan = {"arch": "4x", "sizes": [(8, 8)], "variants": ("plain", "trace"), "calls": 2}
+    res = bench.memory_modes(plan, work=tmp_path, log=lambda *a, **k: None)
+    (row,) = res["rows"]
+    for mode in ("system", "reuse"):
+        for variant in ("plain", "trace"):
+            r = row["runs"][mode][variant]
+            assert len(r["calls"]) == 2 and r["applied"] == mode and r["peak_mb"] > 0
+    last = row["runs"]["reuse"]["trace"]["calls"][-1]["cpu"] / row["runs"]["reuse"]["plain"]["calls"][-1]["cpu"]
+    assert row["trace_ratio"]["reuse"] == last and set(row["speedup"]) == set(row["memory_ratio"]) == {"plain", "trace"}

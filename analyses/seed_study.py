@@ -181,7 +181,7 @@ def _fmt(metric: str, v: float) -> str:
         return f"{v:.3g}"
     if metric == "frac_samples_with_artifact":
         return f"{v:.2f}"
-    return "0" if v == 0 else f"{v:.2g}"
+    return "0" if v == 0 else f"{v:.3g}"
 
 
 def cell(rec: dict, metric: str) -> str:
@@ -190,6 +190,31 @@ def cell(rec: dict, metric: str) -> str:
     if len(d["per_seed"]) == 1:
         return _fmt(metric, d["per_seed"][0])
     return f"{_fmt(metric, d['mean'])} [{_fmt(metric, d['min'])}, {_fmt(metric, d['max'])}]"
+
+
+def side_by_side(result: dict, recipe: str = "base",
+                 metrics=("frac_samples_with_artifact", "frac_nonfinite_pixels")) -> str:
+    """The two couplings side by side for ``recipe``: one row per condition, per coupling and metric the value of
+    every seed (in seed order, named in the header), separated by ``/``."""
+    from robustness_diag.data.degradations import describe
+    recs = {(r["coupling"], r["condition"]): r for r in result["summary"] if r["recipe"] == recipe}
+    couplings = [c for c in ("affine", "rqspline") if any(k[0] == c for k in recs)]
+    if not couplings:
+        return ""
+    conds = [k[1] for k in recs if k[0] == couplings[0]]
+    label = {"affine": "affine", "rqspline": "RQ spline"}
+    head = ["condition"]
+    for c in couplings:
+        seeds = "/".join(map(str, next(r["seeds"] for k, r in recs.items() if k[0] == c)))
+        head += [f"{label[c]} {METRICS[m]} (seeds {seeds})" for m in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cond in conds:
+        cells = [describe(cond) if cond != "clean" else "clean held-out"]
+        for c in couplings:
+            r = recs.get((c, cond))
+            cells += ["" if r is None else " / ".join(_fmt(m, v) for v in r[m]["per_seed"]) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(result: dict) -> str:
@@ -208,6 +233,9 @@ def markdown(result: dict) -> str:
              "| statement | holds for | seeds tested |", "|---|---|---|"]
     for s in result["statements"]:
         lines.append(f"| {s['text']} | {s['n_hold']} of {s['n']} | {', '.join(s['tested'])} |")
+    table = side_by_side(result)
+    if table:
+        lines += ["", "## The couplings side by side (recipe `base`, every seed)", "", table.rstrip("\n")]
     for recipe, sts in result.get("recipe_statements", {}).items():
         held = [f"{s['text']} ({s['n_hold']}/{s['n']})" for s in sts]
         lines += ["", f"Recipe `{recipe}` (one seed per coupling): " + "; ".join(held) + "."]

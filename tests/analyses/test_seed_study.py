@@ -120,3 +120,14 @@ def test_members_trained_elsewhere_join_the_runs_folder(tmp_path):
         _flows(tmp_path, ["seed0=bundled:sr4x_affine"])
     with pytest.raises(SystemExit, match="NAME=FLOW"):
         _flows(tmp_path, ["affine_base_seed0"])
+
+
+def test_side_by_side_gives_every_seed_of_both_couplings():
+    from robustness_diag.analyses.seed_study import side_by_side
+    res = study([_affine(0), _affine(1, noise_nan=False), _spline(0), _spline(2, noise1_flag=0.5)], None, "x", "y")
+    lines = side_by_side(res).splitlines()
+    assert lines[0] == ("| condition | affine flag rate (seeds 0/1) | affine non-finite px (seeds 0/1) | "
+                        "RQ spline flag rate (seeds 0/2) | RQ spline non-finite px (seeds 0/2) |")
+    noise1 = next(line for line in lines if "sigma 0.05" in line)
+    assert noise1 == "| LR Gaussian noise, sigma 0.05 | 0.90 / 0.90 | 0.1 / 0 | 0.30 / 0.50 | 0 / 0 |"
+    assert lines[2].startswith("| clean held-out |") and "## The couplings side by side" in markdown(res)

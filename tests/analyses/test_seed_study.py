@@ -126,8 +126,9 @@ def test_side_by_side_gives_every_seed_of_both_couplings():
     from robustness_diag.analyses.seed_study import side_by_side
     res = study([_affine(0), _affine(1, noise_nan=False), _spline(0), _spline(2, noise1_flag=0.5)], None, "x", "y")
     lines = side_by_side(res).splitlines()
-    assert lines[0] == ("| condition | affine flag rate (seeds 0/1) | affine non-finite px (seeds 0/1) | "
-                        "RQ spline flag rate (seeds 0/2) | RQ spline non-finite px (seeds 0/2) |")
+    assert lines[0] == ("| condition | affine flag rate (seeds 0; 1) | affine non-finite px | "
+                        "RQ spline flag rate (seeds 0; 2) | RQ spline non-finite px |")
     noise1 = next(line for line in lines if "sigma 0.05" in line)
-    assert noise1 == "| LR Gaussian noise, sigma 0.05 | 0.90 / 0.90 | 0.1 / 0 | 0.30 / 0.50 | 0 / 0 |"
+    assert noise1 == ("| LR Gaussian noise, sigma 0.05 | 0.90 [0.70, 1.00]; 0.90 [0.70, 1.00] | 0.1; 0 | "
+                      "0.30 [0.10, 0.50]; 0.50 [0.30, 0.70] | 0; 0 |")
     assert lines[2].startswith("| clean held-out |") and "## The couplings side by side" in markdown(res)

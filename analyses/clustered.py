@@ -396,5 +396,17 @@ def heldout_gate(t: ImageTable, false_alarm: float = 0.05, n_resamples: int = N_
             "in_sample": _gate_rates(a, thr, n_resamples, confidence, seed, clean_condition)}
 
 
+def rate_cell(r: Optional[dict]) -> str:
+    """A :func:`rate` record as a table cell: ``"14/24 [0.31, 0.81]"`` (the source-bootstrap interval, or the exact
+    one when there is none), with the upper bound for zero events: ``"0/24 [0.00, 0.14] (<= 0.12)"``."""
+    if not r or r.get("value") is None:
+        return "n/a"
+    lo, hi = (r["ci_low"], r["ci_high"]) if r.get("ci_low") is not None else r.get("exact_ci", (None, None))
+    ci = "" if lo is None else f" [{float(lo):.2f}, {float(hi):.2f}]"
+    ub = "" if r.get("upper_bound") is None else f" (<= {float(r['upper_bound']):.2f})"
+    return f"{r['k']}/{r['n']}{ci}{ub}"
+
+
 __all__ = ["N_RESAMPLES", "clopper_pearson", "zero_event_upper_bound", "source_bootstrap", "rate", "within_condition",
-           "within_image", "ImageTable", "image_level", "split_sources", "choose_threshold", "heldout_gate"]
+           "within_image", "ImageTable", "image_level", "split_sources", "choose_threshold", "heldout_gate",
+           "rate_cell"]

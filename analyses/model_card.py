@@ -11,6 +11,8 @@ from pathlib import Path
 from robustness_diag.flows.loading import load_flow
 from robustness_diag.io import atomic_write_text, from_json_number as num
 
+from .clustered import rate_cell
+
 
 def card_text(flow, phenomenon: dict | None, flow_key: str | None = None) -> str:
     """The card's markdown: identity, architecture, training recipe and validation from the provenance header, and,
@@ -53,10 +55,12 @@ def card_text(flow, phenomenon: dict | None, flow_key: str | None = None) -> str
                   f"{c['images']} held-out LR crops of {c['lr_size']} px x {c['samples']} samples at heat "
                   f"{c['heat']}, seed {c['seed']}; artifact = a channel > {c['upper']} or < {c['lower']} or "
                   "non-finite, before clamping.", "",
-                  "| condition | samples with artifacts | artifact pixels | NaN pixels | max inverse slope |",
-                  "|---|---|---|---|---|"]
+                  "| condition | samples with artifacts | flagged samples (k/n [95% interval]) | artifact pixels | "
+                  "NaN pixels | max inverse slope |",
+                  "|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['condition']} | {num(r['frac_samples_with_artifact']):.3f} | "
+            flag = r.get("paper_flag") if isinstance(r.get("paper_flag"), dict) else None
+            lines.append(f"| {r['condition']} | {num(r['frac_samples_with_artifact']):.3f} | {rate_cell(flag)} | "
                          f"{num(r['frac_artifact_pixels']):.2e} | {num(r['frac_nan_pixels']):.2e} | "
                          f"{num(r['max_inverse_slope']):.3g} |")
     return "\n".join(lines) + "\n"
@@ -69,7 +73,7 @@ def study_text(study: dict, coupling: str) -> str:
     from .seed_study import METRICS, cell
     lines = ["", f"## Across seeds and recipes (`analyses/seed_study.py`, {study['steps_note']})",
              "Which statements made from this flow hold for other training seeds of the same recipe (and for the "
-             "dequantised and noise-conditioned recipes); cells are mean [min, max] across seeds.", "",
+             "study's other recipes, where it has them); cells are mean [min, max] across seeds.", "",
              "| statement | holds for |", "|---|---|"]
     for s in study["statements"]:
         if s["coupling"] in (coupling, "both", "pair"):

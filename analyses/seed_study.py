@@ -28,6 +28,8 @@ from typing import Callable, Optional
 from robustness_diag.io import atomic_write_json, atomic_write_text
 from robustness_diag.io import from_json_number as num
 
+from .clustered import rate_cell
+
 #: metrics summarised across seeds: phenomenon row field -> short label
 METRICS = {"frac_samples_with_artifact": "flag rate", "frac_artifact_pixels": "artifact px",
            "frac_nonfinite_pixels": "non-finite px", "max_inverse_slope": "max inverse slope"}
@@ -144,7 +146,7 @@ def summarise(members: list) -> list:
                 finite = [v for v in vals if math.isfinite(v)]
                 rec[metric] = {"per_seed": vals, "mean": statistics.fmean(finite) if finite else float("nan"),
                                "min": min(vals), "max": max(vals)}
-            rec["paper_flag_per_seed"] = [{k: m.rows[cond]["paper_flag"].get(k) for k in ("k", "n", "ci_low",
+            rec["paper_flag_per_seed"] = [{k: m.rows[cond]["paper_flag"].get(k) for k in ("value", "k", "n", "ci_low",
                                                                                         "ci_high", "upper_bound")}
                                           for m in ms if isinstance(m.rows[cond].get("paper_flag"), dict)]
             out.append(rec)
@@ -192,16 +194,10 @@ def cell(rec: dict, metric: str) -> str:
     return f"{_fmt(metric, d['mean'])} [{_fmt(metric, d['min'])}, {_fmt(metric, d['max'])}]"
 
 
-def _flag_cell(flag: dict, rate: float) -> str:
-    """One seed's flag rate with its 95% interval: ``0.28 [0.09, 0.47]``."""
-    if not flag or flag.get("ci_low") is None:
-        return _fmt("frac_samples_with_artifact", rate)
-    return f"{rate:.2f} [{num(flag['ci_low']):.2f}, {num(flag['ci_high']):.2f}]"
-
-
 def side_by_side(result: dict, recipe: str = "base") -> str:
-    """The two couplings side by side for ``recipe``: one row per condition; per coupling every seed's flag rate
-    (with its 95% interval) and non-finite pixel fraction, in seed order (named in the header), separated by ``;``."""
+    """The two couplings side by side for ``recipe``: one row per condition; per coupling every seed's flagged samples
+    (k/n with the 95% interval, :func:`.clustered.rate_cell`) and non-finite pixel fraction, in seed order (named in
+    the header), separated by ``;``."""
     from robustness_diag.data.degradations import describe
     recs = {(r["coupling"], r["condition"]): r for r in result["summary"] if r["recipe"] == recipe}
     couplings = [c for c in ("affine", "rqspline") if any(k[0] == c for k in recs)]
@@ -212,7 +208,7 @@ def side_by_side(result: dict, recipe: str = "base") -> str:
     head = ["condition"]
     for c in couplings:
         seeds = "; ".join(map(str, next(r["seeds"] for k, r in recs.items() if k[0] == c)))
-        head += [f"{label[c]} flag rate (seeds {seeds})", f"{label[c]} non-finite px"]
+        head += [f"{label[c]} flagged samples (seeds {seeds})", f"{label[c]} non-finite px"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cond in conds:
         cells = [describe(cond) if cond != "clean" else "clean held-out"]
@@ -222,8 +218,7 @@ def side_by_side(result: dict, recipe: str = "base") -> str:
                 cells += ["", ""]
                 continue
             flags = r.get("paper_flag_per_seed") or [{}] * len(r["seeds"])
-            rates = r["frac_samples_with_artifact"]["per_seed"]
-            cells += ["; ".join(_flag_cell(f, v) for f, v in zip(flags, rates)),
+            cells += ["; ".join(rate_cell(f) for f in flags),
                       "; ".join(_fmt("frac_nonfinite_pixels", v) for v in r["frac_nonfinite_pixels"]["per_seed"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -248,8 +243,9 @@ def markdown(result: dict) -> str:
     table = side_by_side(result)
     if table:
         lines += ["", "## The couplings side by side (recipe `base`, every seed)", "",
-                  "Flag rate of each seed's samples with its 95% interval (the crops are the resampled unit; "
-                  "exact Clopper-Pearson at 0 or all flagged), fraction of non-finite pixels.", "",
+                  "Flagged samples of each seed, k/n with the 95% interval (the crops are the resampled unit; "
+                  "exact Clopper-Pearson at 0 or all flagged; zero counts with their upper bound), and the "
+                  "fraction of non-finite pixels.", "",
                   table.rstrip("\n")]
     for recipe, sts in result.get("recipe_statements", {}).items():
         held = [f"{s['text']} ({s['n_hold']}/{s['n']})" for s in sts]

@@ -162,30 +162,19 @@ def gate_text(gate: Optional[dict]) -> str:
             f"degraded images")
 
 
-def _flag_cell(r: dict) -> str:
-    """A paper-flag rate record as a table cell: ``"14/24 [0.31, 0.81]"`` (source-bootstrap interval, or the exact
-    one when there is none), with the upper bound for zero events."""
-    if not r or r.get("value") is None:
-        return "n/a"
-    lo, hi = (r["ci_low"], r["ci_high"]) if r.get("ci_low") is not None else r.get("exact_ci", (None, None))
-    ci = "" if lo is None else f" [{lo:.2f}, {hi:.2f}]"
-    ub = "" if r.get("upper_bound") is None else f" (<= {r['upper_bound']:.2f})"
-    return f"{r['k']}/{r['n']}{ci}{ub}"
-
-
 def stress_tables(summaries: list) -> list:
     """One table per model: every condition and adversarial result with the per-sample rate of the paper's flag
     (k/n, interval, upper bound for zero events), artifact and NaN/Inf pixel fractions, max inverse slope (not log,
     adversarial rows on fresh latents) and mean OOD score."""
     tables = []
     for s in summaries:
-        rows = [[label(c), _flag_cell(c.get("paper_flag")), c["frac_artifact_pixels"], c["frac_nonfinite_pixels"],
+        rows = [[label(c), K.rate_cell(c.get("paper_flag")), c["frac_artifact_pixels"], c["frac_nonfinite_pixels"],
                  None if c["max_log_slope"] is None else math.exp(c["max_log_slope"]), c["score_mean"]]
                 for c in s["conditions"]]
         for name, a in s["adversarial"].items():
             slope = a.get("sampled_max_log_slope")
             kind = "random baseline" if a.get("kind") == "random" else "adversarial"
-            rows.append([f"{kind} {name}", _flag_cell(a.get("paper_flag")), a["frac_artifact_pixels"],
+            rows.append([f"{kind} {name}", K.rate_cell(a.get("paper_flag")), a["frac_artifact_pixels"],
                          a["frac_nonfinite_pixels"], None if slope is None else math.exp(slope), a.get("score_mean")])
         tables.append({"title": f"Stress suite: {s['name']} ({s['family']}, {s['coupling']}, heat {s['heat']:g})",
                        "columns": ["condition", "samples flagged (paper's criterion)", "artifact pixels",

@@ -13,7 +13,7 @@ def _row(flag=0.0, art=0.0, nonfinite=0.0, slope=3.0, k=None, n=32):
     k = round(flag * n) if k is None else k
     lo, hi = (0.0, 0.1) if k == 0 else (max(0.0, flag - 0.2), min(1.0, flag + 0.2))
     return {"frac_samples_with_artifact": flag, "frac_artifact_pixels": art, "frac_nonfinite_pixels": nonfinite,
-            "max_inverse_slope": slope, "paper_flag": {"k": k, "n": n, "ci_low": lo, "ci_high": hi}}
+            "max_inverse_slope": slope, "paper_flag": {"value": k / n, "k": k, "n": n, "ci_low": lo, "ci_high": hi}}
 
 
 def _affine(seed, noise_nan=True, graphics_flag=0.5, steps=1500, recipe="base"):
@@ -126,9 +126,9 @@ def test_side_by_side_gives_every_seed_of_both_couplings():
     from robustness_diag.analyses.seed_study import side_by_side
     res = study([_affine(0), _affine(1, noise_nan=False), _spline(0), _spline(2, noise1_flag=0.5)], None, "x", "y")
     lines = side_by_side(res).splitlines()
-    assert lines[0] == ("| condition | affine flag rate (seeds 0; 1) | affine non-finite px | "
-                        "RQ spline flag rate (seeds 0; 2) | RQ spline non-finite px |")
+    assert lines[0] == ("| condition | affine flagged samples (seeds 0; 1) | affine non-finite px | "
+                        "RQ spline flagged samples (seeds 0; 2) | RQ spline non-finite px |")
     noise1 = next(line for line in lines if "sigma 0.05" in line)
-    assert noise1 == ("| LR Gaussian noise, sigma 0.05 | 0.90 [0.70, 1.00]; 0.90 [0.70, 1.00] | 0.1; 0 | "
-                      "0.30 [0.10, 0.50]; 0.50 [0.30, 0.70] | 0; 0 |")
+    assert noise1 == ("| LR Gaussian noise, sigma 0.05 | 29/32 [0.70, 1.00]; 29/32 [0.70, 1.00] | 0.1; 0 | "
+                      "10/32 [0.10, 0.50]; 16/32 [0.30, 0.70] | 0; 0 |")
     assert lines[2].startswith("| clean held-out |") and "## The couplings side by side" in markdown(res)

@@ -194,6 +194,30 @@ def cell(rec: dict, metric: str) -> str:
     return f"{_fmt(metric, d['mean'])} [{_fmt(metric, d['min'])}, {_fmt(metric, d['max'])}]"
 
 
+def seed_position(result: dict, seed: int = 0, recipe: str = "base",
+                  metric: str = "frac_samples_with_artifact") -> dict:
+    """Where ``seed``'s flow falls among the seeds of ``recipe``, per coupling, over the conditions where the seeds
+    differ in ``metric``: ``{coupling: {"lowest", "highest", "between", "same": condition counts, "n_seeds"}}``
+    ("lowest"/"highest" include ties with another seed at that end; "same": every seed equal)."""
+    out: dict = {}
+    for r in result["summary"]:
+        if r["recipe"] != recipe or seed not in r["seeds"] or len(r["seeds"]) < 2:
+            continue
+        vals = r[metric]["per_seed"]
+        mine = vals[r["seeds"].index(seed)]
+        pos = out.setdefault(r["coupling"], {"lowest": 0, "highest": 0, "between": 0, "same": 0,
+                                             "n_seeds": len(r["seeds"])})
+        if min(vals) == max(vals):
+            pos["same"] += 1
+        elif mine == min(vals):
+            pos["lowest"] += 1
+        elif mine == max(vals):
+            pos["highest"] += 1
+        else:
+            pos["between"] += 1
+    return out
+
+
 def side_by_side(result: dict, recipe: str = "base") -> str:
     """The two couplings side by side for ``recipe``: one row per condition; per coupling every seed's flagged samples
     (k/n with the 95% interval, :func:`.clustered.rate_cell`) and non-finite pixel fraction, in seed order (named in
@@ -241,6 +265,12 @@ def markdown(result: dict) -> str:
     for s in result["statements"]:
         lines.append(f"| {s['text']} | {s['n_hold']} of {s['n']} | {', '.join(s['tested'])} |")
     table = side_by_side(result)
+    pos = seed_position(result)
+    if pos:
+        lines += ["", "Seed 0 (the bundled flow) among the seeds, by flag rate over the conditions where the seeds "
+                  "differ: " + "; ".join(f"{c}: lowest in {p['lowest']}, highest in {p['highest']}, between in "
+                                         f"{p['between']} (all {p['n_seeds']} seeds equal in {p['same']})"
+                                         for c, p in pos.items()) + "."]
     if table:
         lines += ["", "## The couplings side by side (recipe `base`, every seed)", "",
                   "Flagged samples of each seed, k/n with the 95% interval (the crops are the resampled unit; "

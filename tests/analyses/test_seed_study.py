@@ -132,3 +132,14 @@ def test_side_by_side_gives_every_seed_of_both_couplings():
     assert noise1 == ("| LR Gaussian noise, sigma 0.05 | 29/32 [0.70, 1.00]; 29/32 [0.70, 1.00] | 0.1; 0 | "
                       "10/32 [0.10, 0.50]; 16/32 [0.30, 0.70] | 0; 0 |")
     assert lines[2].startswith("| clean held-out |") and "## The couplings side by side" in markdown(res)
+
+
+def test_seed_position_says_where_seed_0_falls():
+    from robustness_diag.analyses.seed_study import seed_position
+    res = study([_affine(0, graphics_flag=0.2), _affine(1, graphics_flag=0.5), _affine(2, graphics_flag=0.1),
+                 _spline(0, noise1_flag=0.9), _spline(1)], None, "x", "y")
+    pos = seed_position(res)
+    # affine: only graphics differs (0.2 between 0.1 and 0.5); spline: only noise1 differs (0.9 > 0.3)
+    assert pos["affine"] == {"lowest": 0, "highest": 0, "between": 1, "same": 5, "n_seeds": 3}
+    assert pos["rqspline"] == {"lowest": 0, "highest": 1, "between": 0, "same": 5, "n_seeds": 2}
+    assert "Seed 0 (the bundled flow) among the seeds" in markdown(res)

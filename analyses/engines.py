@@ -29,8 +29,6 @@ from .folder_run import FolderRunError, FolderRunResult, PreparedRun, folder_loc
 
 #: the engines a command can run on
 ENGINES = ("local", "ray")
-#: the choices of ``--cpu-memory``
-CPU_MEMORY_MODES = MODES
 #: how to get the optional Ray dependency
 RAY_INSTALL_HINT = "pip install 'robustness-diag[ray]'"
 #: the oldest Ray the engine supports (setup.cfg's ``ray`` extra)
@@ -87,8 +85,8 @@ def ray_installed() -> bool:
 def engine_problem(opts: Optional[EngineOptions]) -> Optional[str]:
     """What makes ``opts`` unusable before any work (one line), or None: an unknown engine, counts below 1, or
     ``ray`` without Ray installed (the message says how to install it)."""
-    if opts is not None and opts.cpu_memory not in CPU_MEMORY_MODES:
-        return f"--cpu-memory must be one of {', '.join(CPU_MEMORY_MODES)}, got {opts.cpu_memory!r}"
+    if opts is not None and opts.cpu_memory not in MODES:
+        return f"--cpu-memory must be one of {', '.join(MODES)}, got {opts.cpu_memory!r}"
     if opts is None or opts.is_local:
         return None
     if opts.kind not in ENGINES:
